@@ -1,0 +1,54 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3).
+
+Keys and values pass through a compressed latent of rank ``kv_lora_rank`` (RMS-normed); a
+separate ``qk_rope_head_dim`` slice carries the position (RoPE), shared by all heads for keys.
+Queries are optionally compressed too (``q_lora_rank`` > 0). Causal SDPA does the attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mhc_train.model.config import ModelConfig
+from mhc_train.model.rope import apply_rope
+from mhc_train.norm import RMSNorm
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, dn, dr, dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        if cfg.q_lora_rank > 0:
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, h * (dn + dr), bias=False)
+        else:
+            self.wq = nn.Linear(cfg.dim, h * (dn + dr), bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + dr, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, h * (dn + dv), bias=False)
+        self.wo = nn.Linear(h * dv, cfg.dim, bias=False)
+        self.scale = (dn + dr) ** -0.5
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cfg = self.cfg
+        b, s, _ = x.shape
+        h, dn, dr, dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        cos, sin = rope
+
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if cfg.q_lora_rank > 0 else self.wq(x)
+        q = q.view(b, s, h, dn + dr).transpose(1, 2)  # [B, H, S, dn+dr]
+        q_nope, q_pe = q.split([dn, dr], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)
+
+        kv_latent, k_pe = self.wkv_a(x).split([cfg.kv_lora_rank, dr], dim=-1)
+        kv = self.wkv_b(self.kv_norm(kv_latent)).view(b, s, h, dn + dv).transpose(1, 2)
+        k_nope, v = kv.split([dn, dv], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin).expand(b, h, s, dr)
+        k = torch.cat([k_nope, k_pe], dim=-1)
+
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.wo(out.transpose(1, 2).reshape(b, s, h * dv))

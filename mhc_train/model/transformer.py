@@ -1,0 +1,176 @@
+"""The whole model: embed -> expand -> blocks -> contract -> final norm -> head.
+
+    tokens [B,S] -> embed [B,S,C] -> expand -> streams [B,S,n,C]
+      each block: attention sublayer, then FFN sublayer, each wrapped by its own connection
+    -> contract [B,S,C] -> final RMSNorm -> untied head -> logits [B,S,V]
+
+Layer functions never see the streams; connections never see attention or experts.
+
+Init scheme (``init_weights``): every Linear, expert matrix, router and the embedding and head
+are N(0, init_std); output projections of each sublayer (attention ``wo``, FFN/expert ``w2``)
+use init_std / sqrt(2 * n_layers) when ``scale_out_init`` (GPT-2's depth scaling, so the
+residual sum does not grow with depth); norms start at 1, router biases at 0, and each
+connection initialises itself (see mhc_train.residual).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mhc_train.model.attention import MLA
+from mhc_train.model.config import ModelConfig
+from mhc_train.model.ffn import SwiGLU
+from mhc_train.model.moe import MoE, RoutedExperts, Router
+from mhc_train.model.rope import rope_angles
+from mhc_train.norm import RMSNorm
+from mhc_train.residual import (
+    ResidualConfig,
+    ResidualConnection,
+    StreamContraction,
+    build_connection,
+    composite_gains,
+    expand_streams,
+)
+from mhc_train.residual.gains import GainReport
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, rcfg: ResidualConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.attn_conn = build_connection(rcfg, cfg.dim, 2 * index, norm_eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_conn = build_connection(rcfg, cfg.dim, 2 * index + 1, norm_eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.is_moe = index >= cfg.n_dense_layers
+        self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.dim, cfg.ffn_dim_dense)
+
+    def forward(self, streams: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        u, mix = self.attn_conn.read(streams)
+        streams = self.attn_conn.write(streams, self.attn(self.attn_norm(u), rope), mix)
+        u, mix = self.ffn_conn.read(streams)
+        streams = self.ffn_conn.write(streams, self.ffn(self.ffn_norm(u)), mix)
+        return streams
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # cross-entropy + balance loss: what backward() takes
+    ce_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class MHCTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rcfg: ResidualConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.rcfg = rcfg
+        self.n_streams = rcfg.streams
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, rcfg, i) for i in range(cfg.n_layers))
+        self.contract = StreamContraction(rcfg)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ---------------------------------------------------------------------------------- init
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        cfg = self.cfg
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.n_layers) if cfg.scale_out_init else std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RoutedExperts):
+                for w in (module.w1, module.w3):
+                    nn.init.normal_(w, 0.0, std)
+                nn.init.normal_(module.w2, 0.0, out_std)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, 0.0, std)
+                module.expert_bias.zero_()
+                module.expert_load.zero_()
+            elif isinstance(module, (RMSNorm, ResidualConnection, StreamContraction)):
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        for block in self.blocks:
+            nn.init.normal_(block.attn.wo.weight, 0.0, out_std)
+            if isinstance(block.ffn, SwiGLU):
+                nn.init.normal_(block.ffn.w2.weight, 0.0, out_std)
+            elif block.ffn.shared is not None:
+                nn.init.normal_(block.ffn.shared.w2.weight, 0.0, out_std)
+
+    # ------------------------------------------------------------------------------- forward
+
+    def rope(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        return rope_angles(seq_len, self.cfg.qk_rope_head_dim, self.cfg.rope_theta, device=device)
+
+    def embed_streams(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] -> streams [B, S, n, C] (the first pipeline stage's job)."""
+        return expand_streams(self.embed(tokens), self.n_streams)
+
+    def head_logits(self, streams: torch.Tensor) -> torch.Tensor:
+        """streams [B, S, n, C] -> logits [B, S, V] (the last pipeline stage's job)."""
+        return self.head(self.norm(self.contract(streams)))
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor [B, S], got {tuple(tokens.shape)} {tokens.dtype}")
+        rope = self.rope(tokens.shape[1], tokens.device)
+        streams = self.embed_streams(tokens)
+        for block in self.blocks:
+            streams = block(streams, rope)
+        logits = self.head_logits(streams)
+        if targets is None:
+            return LMOutput(logits)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        aux = self.balance_loss()
+        loss = ce if aux is None else ce + aux
+        return LMOutput(logits, loss, ce, aux)
+
+    # ----------------------------------------------------------------------- training hooks
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def balance_loss(self) -> torch.Tensor | None:
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def update_router_biases(self, group=None) -> None:
+        """Aux-loss-free balancing: call after every optimizer step."""
+        for moe in self.moe_layers():
+            moe.router.update_bias(self.cfg.bias_update_speed, group=group)
+
+    def connections(self) -> list[ResidualConnection]:
+        """The 2L connections in layer order (attention 1, FFN 1, attention 2, ...)."""
+        return [c for b in self.blocks for c in (b.attn_conn, b.ffn_conn)]
+
+    @torch.no_grad()
+    def residual_gains(self, tokens: torch.Tensor) -> GainReport:
+        """Per-layer token-averaged H_res and its single / composite Amax gains (Figs 3, 7, 8)."""
+        conns = self.connections()
+        was_training = self.training
+        self.eval()
+        try:
+            for c in conns:
+                c.record_mappings = True
+            self(tokens)
+            h = torch.stack([c.recorded_h_res for c in conns]).cpu()
+        finally:
+            for c in conns:
+                c.record_mappings = False
+                c.recorded_h_res = None
+            self.train(was_training)
+        return composite_gains(h)

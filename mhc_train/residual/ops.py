@@ -1,0 +1,197 @@
+"""The functional mHC ops: the public, stable API that the Triton kernels implement.
+
+Shapes: x ``[..., n, C]`` (stream axis next to features), h_pre/h_post ``[..., n]``,
+h_res ``[..., n, n]``. Convention (paper Eq 3): output stream i = sum_j h_res[i, j] x_j, so
+row sums are the forward gain and column sums the backward gain.
+
+Every op takes ``backend``: ``"torch"`` (the reference), ``"triton"`` and ``"auto"``
+(triton on CUDA, torch elsewhere). The mapping maths always runs in fp32, whatever the
+activation dtype: bf16 mappings made Sinkhorn's row-sum error 300x worse elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mhc_train.residual.sinkhorn import sinkhorn_knopp_torch
+
+BACKENDS = ("torch", "triton", "auto")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map a requested backend to the implementation that will run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "triton" and not _triton_available():
+        raise ValueError("backend='triton' requested but the mHC Triton kernels are not available")
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import mhc_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(mhc_kernels, "mhc_mappings")
+
+
+def _dispatch(name: str, backend: str, device: torch.device):
+    if resolve_backend(backend, device) == "triton":
+        import mhc_kernels
+
+        return getattr(mhc_kernels, name)
+    return None
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    _check(t.is_floating_point(), f"{name} must be a floating tensor, got dtype {t.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp (Eq 9)
+# --------------------------------------------------------------------------------------------
+
+
+def sinkhorn_knopp(logits: torch.Tensor, t_max: int, backend: str = "torch") -> torch.Tensor:
+    """``[..., n, n]`` logits -> doubly stochastic ``[..., n, n]`` (fp32).
+
+    M0 = exp(logits), then ``t_max`` times: normalise columns to sum 1, then rows to sum 1.
+    Rows therefore sum to 1 exactly; columns converge with t_max.
+    """
+    _check_float("logits", logits)
+    _check(logits.dim() >= 2 and logits.shape[-1] == logits.shape[-2],
+           f"logits must have shape [..., n, n], got {tuple(logits.shape)}")
+    _check(int(t_max) >= 1, f"t_max must be >= 1, got {t_max}")
+    kernel = _dispatch("sinkhorn_knopp", backend, logits.device)
+    if kernel is not None:
+        return kernel(logits, int(t_max))
+    return sinkhorn_knopp_torch(logits.float(), int(t_max))
+
+
+# --------------------------------------------------------------------------------------------
+# Mappings (Eq 14-19)
+# --------------------------------------------------------------------------------------------
+
+
+def mapping_width(n: int) -> int:
+    """Columns of phi: pre (n) | post (n) | res (n*n, row-major)."""
+    return n * n + 2 * n
+
+
+def mhc_mappings(
+    x: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor,
+    t_max: int,
+    eps: float = 0.0,
+    backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dynamic mHC coefficients of each token (paper Eq 14-19), all returned in fp32.
+
+    x ``[..., n, C]`` is flattened stream-major to nC; phi ``[n*C, n*n + 2n]``;
+    alpha ``[3]`` = (pre, post, res); bias ``[n*n + 2n]``.
+    r = RMS of the raw nC vector (``eps`` is added under the root; the paper prints none),
+    applied after the matmul: H~ = (1/r) * alpha * (x phi) + bias.
+    Returns h_pre = sigmoid ``[..., n]``, h_post = 2 sigmoid ``[..., n]``,
+    h_res = Sinkhorn-Knopp(H~_res) ``[..., n, n]``.
+    """
+    _check_float("x", x)
+    _check(x.dim() >= 2, f"x must have shape [..., n, C], got {tuple(x.shape)}")
+    n, c = x.shape[-2], x.shape[-1]
+    width = mapping_width(n)
+    _check(tuple(phi.shape) == (n * c, width),
+           f"phi must have shape [n*C, n*n+2n] = [{n * c}, {width}], got {tuple(phi.shape)}")
+    _check(tuple(alpha.shape) == (3,), f"alpha must have shape [3], got {tuple(alpha.shape)}")
+    _check(tuple(bias.shape) == (width,), f"bias must have shape [{width}], got {tuple(bias.shape)}")
+    kernel = _dispatch("mhc_mappings", backend, x.device)
+    if kernel is not None:
+        return kernel(x, phi, alpha, bias, int(t_max), eps)
+
+    x_flat = x.reshape(*x.shape[:-2], n * c).float()
+    proj = x_flat @ phi.float()  # [..., n^2+2n], Eq 14
+    inv_r = torch.rsqrt(x_flat.pow(2).mean(dim=-1, keepdim=True) + eps)  # Eq 15
+    alpha32 = alpha.float()
+    gate = torch.cat([alpha32[0].expand(n), alpha32[1].expand(n), alpha32[2].expand(n * n)])
+    logits = inv_r * (proj * gate) + bias.float()  # Eq 16
+    h_pre = torch.sigmoid(logits[..., :n])  # Eq 17
+    h_post = 2.0 * torch.sigmoid(logits[..., n : 2 * n])  # Eq 18
+    h_res = sinkhorn_knopp_torch(logits[..., 2 * n :].unflatten(-1, (n, n)), int(t_max))  # Eq 19
+    return h_pre, h_post, h_res
+
+
+# --------------------------------------------------------------------------------------------
+# Applying the mappings
+# --------------------------------------------------------------------------------------------
+
+
+def _check_streams(x: torch.Tensor) -> tuple[int, int]:
+    _check_float("x", x)
+    _check(x.dim() >= 2, f"x must have shape [..., n, C], got {tuple(x.shape)}")
+    return x.shape[-2], x.shape[-1]
+
+
+def apply_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """Aggregate the streams into the layer input: ``[..., C] = sum_i h_pre[i] x[i]``.
+
+    Accumulates in fp32 and returns x's dtype.
+    """
+    n, _ = _check_streams(x)
+    _check(tuple(h_pre.shape) == (*x.shape[:-2], n),
+           f"h_pre must have shape {(*x.shape[:-2], n)} ([..., n]), got {tuple(h_pre.shape)}")
+    kernel = _dispatch("apply_pre", backend, x.device)
+    if kernel is not None:
+        return kernel(x, h_pre)
+    out = torch.einsum("...i,...ic->...c", h_pre.float(), x.float())
+    return out.to(x.dtype)
+
+
+def apply_post_res(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    h_post: torch.Tensor,
+    h_res: torch.Tensor,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """Mix the streams and write the layer output back: ``h_res @ x + h_post^T y``.
+
+    x ``[..., n, C]``, y ``[..., C]``, h_post ``[..., n]``, h_res ``[..., n, n]`` ->
+    ``[..., n, C]``; row i of h_res mixes into stream i. fp32 accumulation, x's dtype out.
+    """
+    n, c = _check_streams(x)
+    lead = tuple(x.shape[:-2])
+    _check(tuple(y.shape) == (*lead, c), f"y must have shape {(*lead, c)} ([..., C]), got {tuple(y.shape)}")
+    _check(tuple(h_post.shape) == (*lead, n),
+           f"h_post must have shape {(*lead, n)} ([..., n]), got {tuple(h_post.shape)}")
+    _check(tuple(h_res.shape) == (*lead, n, n),
+           f"h_res must have shape {(*lead, n, n)} ([..., n, n]), got {tuple(h_res.shape)}")
+    kernel = _dispatch("apply_post_res", backend, x.device)
+    if kernel is not None:
+        return kernel(x, y, h_post, h_res)
+    mixed = torch.matmul(h_res.float(), x.float())
+    out = mixed + h_post.float().unsqueeze(-1) * y.float().unsqueeze(-2)
+    return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Gain metric (Figs 3 and 7)
+# --------------------------------------------------------------------------------------------
+
+
+def amax_gain(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Amax gain magnitude of ``[..., n, n]`` mappings: (max |row sum|, max |column sum|).
+
+    The row sum bounds how much a forward signal can grow, the column sum the backward one.
+    """
+    _check_float("h", h)
+    _check(h.dim() >= 2 and h.shape[-1] == h.shape[-2], f"h must have shape [..., n, n], got {tuple(h.shape)}")
+    forward = h.sum(dim=-1).abs().amax(dim=-1)
+    backward = h.sum(dim=-2).abs().amax(dim=-1)
+    return forward, backward
