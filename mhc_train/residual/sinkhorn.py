@@ -8,6 +8,7 @@ intermediate [.., n, n] tensors per call; recomputing is cheap because n is tiny
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _iterate(logits: torch.Tensor, t_max: int) -> torch.Tensor:
@@ -28,6 +29,7 @@ class _SinkhornKnopp(torch.autograd.Function):
         return _iterate(logits, t_max)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         (logits,) = ctx.saved_tensors
         with torch.enable_grad():

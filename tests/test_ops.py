@@ -1,0 +1,132 @@
+"""The public mHC ops against plain-loop references of the paper's equations (Eq 14-19)."""
+
+import math
+
+import pytest
+import torch
+
+from mhc_train.residual import amax_gain, apply_post_res, apply_pre, mhc_mappings
+from test_sinkhorn import loop_sinkhorn
+
+
+def loop_mappings(x, phi, alpha, bias, t_max):
+    """One token: x [n, C] -> (h_pre [n], h_post [n], h_res [n, n]) with explicit loops."""
+    n, c = x.shape
+    vec = [float(x[i, j]) for i in range(n) for j in range(c)]  # stream-major flatten
+    r = math.sqrt(sum(v * v for v in vec) / (n * c))
+    width = n * n + 2 * n
+    proj = [sum(vec[k] * float(phi[k, col]) for k in range(n * c)) for col in range(width)]
+    gate = [float(alpha[0])] * n + [float(alpha[1])] * n + [float(alpha[2])] * (n * n)
+    logits = [proj[col] / r * gate[col] + float(bias[col]) for col in range(width)]
+    sig = lambda v: 1.0 / (1.0 + math.exp(-v))  # noqa: E731
+    h_pre = torch.tensor([sig(v) for v in logits[:n]], dtype=torch.float64)
+    h_post = torch.tensor([2 * sig(v) for v in logits[n : 2 * n]], dtype=torch.float64)
+    res_logits = torch.tensor(logits[2 * n :], dtype=torch.float64).view(n, n)  # row-major
+    return h_pre, h_post, loop_sinkhorn(res_logits, t_max)
+
+
+def random_inputs(lead, n, c, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, n, c, generator=g).to(dtype)
+    phi = torch.randn(n * c, n * n + 2 * n, generator=g) * 0.3
+    alpha = torch.tensor([0.7, 1.3, 0.9])
+    bias = torch.randn(n * n + 2 * n, generator=g) * 0.5
+    return x, phi, alpha, bias
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_mappings_match_loop_reference(n):
+    x, phi, alpha, bias = random_inputs((2, 3), n, 5)
+    h_pre, h_post, h_res = mhc_mappings(x, phi, alpha, bias, t_max=6)
+    assert h_pre.shape == (2, 3, n) and h_post.shape == (2, 3, n) and h_res.shape == (2, 3, n, n)
+    for b in range(2):
+        for s in range(3):
+            ref = loop_mappings(x[b, s].double(), phi.double(), alpha.double(), bias.double(), 6)
+            for got, want in zip((h_pre[b, s], h_post[b, s], h_res[b, s]), ref):
+                assert torch.allclose(got.double(), want, atol=2e-6), (got, want)
+
+
+def test_mappings_in_fp32_for_bf16_activations():
+    x, phi, alpha, bias = random_inputs((4,), 4, 8, dtype=torch.bfloat16)
+    outs = mhc_mappings(x, phi, alpha, bias, t_max=20)
+    assert all(o.dtype == torch.float32 for o in outs)
+    ref = mhc_mappings(x.float(), phi, alpha, bias, t_max=20)
+    for got, want in zip(outs, ref):
+        assert torch.equal(got, want)  # same fp32 maths on the same (bf16-representable) values
+    assert torch.allclose(outs[2].sum(-1), torch.ones(4, 4), atol=1e-6)
+
+
+def test_mappings_gradients_reach_phi_alpha_bias():
+    x, phi, alpha, bias = random_inputs((6,), 4, 8)
+    for t in (x, phi, alpha, bias):
+        t.requires_grad_(True)
+    h_pre, h_post, h_res = mhc_mappings(x, phi, alpha, bias, t_max=20)
+    (h_pre.sum() + (h_post * torch.arange(4.0)).sum() + (h_res * torch.randn(6, 4, 4)).sum()).backward()
+    for t in (x, phi, alpha, bias):
+        assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_apply_ops_match_loops(n):
+    c = 7
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, c, generator=g)
+    y = torch.randn(3, c, generator=g)
+    h_pre, h_post = torch.rand(3, n, generator=g), torch.rand(3, n, generator=g) * 2
+    h_res = torch.rand(3, n, n, generator=g)
+    pre = apply_pre(x, h_pre)
+    out = apply_post_res(x, y, h_post, h_res)
+    for t in range(3):
+        want_pre = sum(h_pre[t, i] * x[t, i] for i in range(n))
+        assert torch.allclose(pre[t], want_pre, atol=1e-6)
+        for i in range(n):  # row i of h_res mixes into stream i
+            want = sum(h_res[t, i, j] * x[t, j] for j in range(n)) + h_post[t, i] * y[t]
+            assert torch.allclose(out[t, i], want, atol=1e-6)
+
+
+def test_h_res_is_applied_and_not_transposed():
+    # Pitfall seen elsewhere: H_res computed but never applied, or applied from the wrong side.
+    x = torch.stack([torch.full((3,), 1.0), torch.full((3,), 10.0)])  # streams 0 and 1
+    y = torch.zeros(3)
+    h_res = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # both outputs take stream 1
+    out = apply_post_res(x, y, torch.zeros(2), h_res)
+    assert torch.equal(out, torch.full((2, 3), 10.0))
+    other = apply_post_res(x, y, torch.zeros(2), torch.eye(2))
+    assert not torch.equal(out, other)
+
+
+def test_apply_ops_keep_activation_dtype():
+    x = torch.randn(2, 4, 8, dtype=torch.bfloat16)
+    y = torch.randn(2, 8, dtype=torch.bfloat16)
+    h = torch.rand(2, 4)
+    assert apply_pre(x, h).dtype == torch.bfloat16
+    assert apply_post_res(x, y, h, torch.rand(2, 4, 4)).dtype == torch.bfloat16
+
+
+def test_amax_gain():
+    h = torch.tensor([[1.0, -3.0], [0.5, 0.5]])
+    fwd, bwd = amax_gain(h)
+    assert fwd.item() == 2.0  # |1 - 3|
+    assert bwd.item() == 2.5  # |-3 + 0.5|
+    f, b = amax_gain(torch.eye(4).expand(5, 4, 4))
+    assert torch.equal(f, torch.ones(5)) and torch.equal(b, torch.ones(5))
+
+
+def test_bad_shapes_name_the_expected_shape():
+    x, phi, alpha, bias = random_inputs((2,), 4, 8)
+    with pytest.raises(ValueError, match=r"phi must have shape \[n\*C, n\*n\+2n\] = \[32, 24\]"):
+        mhc_mappings(x, phi[:, :20], alpha, bias, 20)
+    with pytest.raises(ValueError, match=r"alpha must have shape \[3\]"):
+        mhc_mappings(x, phi, alpha[:2], bias, 20)
+    with pytest.raises(ValueError, match=r"bias must have shape \[24\]"):
+        mhc_mappings(x, phi, alpha, bias[:3], 20)
+    with pytest.raises(ValueError, match=r"h_pre must have shape \(2, 4\)"):
+        apply_pre(x, torch.rand(2, 3))
+    with pytest.raises(ValueError, match=r"h_res must have shape \(2, 4, 4\)"):
+        apply_post_res(x, torch.randn(2, 8), torch.rand(2, 4), torch.rand(2, 4, 3))
+    with pytest.raises(ValueError, match=r"y must have shape \(2, 8\)"):
+        apply_post_res(x, torch.randn(2, 7), torch.rand(2, 4), torch.rand(2, 4, 4))
+    with pytest.raises(ValueError, match="floating"):
+        apply_pre(x.long(), torch.rand(2, 4))
+    with pytest.raises(ValueError, match=r"\[\.\.\., n, n\]"):
+        amax_gain(torch.rand(3, 4))
