@@ -130,3 +130,58 @@ def test_bad_shapes_name_the_expected_shape():
         apply_pre(x.long(), torch.rand(2, 4))
     with pytest.raises(ValueError, match=r"\[\.\.\., n, n\]"):
         amax_gain(torch.rand(3, 4))
+
+
+def test_hand_written_backwards_pass_gradcheck():
+    # The ops' custom backwards (mhc_train.residual.torch_ops) against finite differences.
+    g = torch.Generator().manual_seed(3)
+    n, c = 3, 5
+    x = torch.randn(4, n, c, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, c, generator=g, dtype=torch.float64, requires_grad=True)
+    h_pre = torch.rand(4, n, generator=g, dtype=torch.float64, requires_grad=True)
+    h_post = torch.rand(4, n, generator=g, dtype=torch.float64, requires_grad=True)
+    h_res = torch.rand(4, n, n, generator=g, dtype=torch.float64, requires_grad=True)
+    phi = (torch.randn(n * c, n * n + 2 * n, generator=g, dtype=torch.float64) * 0.3).requires_grad_(True)
+    alpha = torch.tensor([0.7, 1.3, 0.9], dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(n * n + 2 * n, generator=g, dtype=torch.float64, requires_grad=True)
+
+    assert torch.autograd.gradcheck(apply_pre, (x, h_pre))  # fp64 inputs keep fp64 maths
+    assert torch.autograd.gradcheck(apply_post_res, (x, y, h_post, h_res))
+    assert torch.autograd.gradcheck(lambda *a: mhc_mappings(*a, t_max=5, eps=1e-6), (x, phi, alpha, bias))
+    from mhc_train.residual.torch_ops import MappingLogits
+
+    gate = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+    assert torch.autograd.gradcheck(
+        lambda xx, p, gt, b: MappingLogits.apply(xx.reshape(4, n * c), p, gt, b, 1e-6), (x, phi, gate, bias)
+    )
+
+
+def test_hand_written_backwards_match_plain_autograd():
+    x, phi, alpha, bias = random_inputs((3, 2), 4, 6)
+    y = torch.randn(3, 2, 6)
+    leaves = [t.clone().requires_grad_(True) for t in (x, phi, alpha, bias, y)]
+
+    def plain(x, phi, alpha, bias, y):
+        n, c = 4, 6
+        xf = x.reshape(3, 2, n * c)
+        gate = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+        logits = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True)) * (xf @ phi) * gate + bias
+        pre, post = torch.sigmoid(logits[..., :n]), 2 * torch.sigmoid(logits[..., n : 2 * n])
+        from mhc_train.residual.sinkhorn import sinkhorn_knopp_torch
+
+        res = sinkhorn_knopp_torch(logits[..., 2 * n :].unflatten(-1, (n, n)), 20, recompute_backward=False)
+        u = (pre.unsqueeze(-1) * x).sum(-2)
+        return (res @ x + post.unsqueeze(-1) * y.unsqueeze(-2)).sum() + (u * u).sum()
+
+    def ours(x, phi, alpha, bias, y):
+        pre, post, res = mhc_mappings(x, phi, alpha, bias, 20)
+        u = apply_pre(x, pre)
+        return apply_post_res(x, y, post, res).sum() + (u * u).sum()
+
+    plain(*leaves).backward()
+    want = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    ours(*leaves).backward()
+    for got, w in zip((t.grad for t in leaves), want):
+        assert torch.allclose(got, w, atol=1e-5, rtol=1e-4)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from mhc_train.residual.sinkhorn import sinkhorn_knopp_torch
+from mhc_train.residual.torch_ops import ApplyPostRes, ApplyPre, MappingLogits, at_least_fp32
 
 BACKENDS = ("torch", "triton", "auto")
 
@@ -72,7 +73,7 @@ def sinkhorn_knopp(logits: torch.Tensor, t_max: int, backend: str = "torch") -> 
     kernel = _dispatch("sinkhorn_knopp", backend, logits.device)
     if kernel is not None:
         return kernel(logits, int(t_max))
-    return sinkhorn_knopp_torch(logits.float(), int(t_max))
+    return sinkhorn_knopp_torch(at_least_fp32(logits), int(t_max))
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,12 +116,10 @@ def mhc_mappings(
     if kernel is not None:
         return kernel(x, phi, alpha, bias, int(t_max), eps)
 
-    x_flat = x.reshape(*x.shape[:-2], n * c).float()
-    proj = x_flat @ phi.float()  # [..., n^2+2n], Eq 14
-    inv_r = torch.rsqrt(x_flat.pow(2).mean(dim=-1, keepdim=True) + eps)  # Eq 15
-    alpha32 = alpha.float()
-    gate = torch.cat([alpha32[0].expand(n), alpha32[1].expand(n), alpha32[2].expand(n * n)])
-    logits = inv_r * (proj * gate) + bias.float()  # Eq 16
+    lead = x.shape[:-2]
+    gate = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+    # Eq 14-16: x phi, 1/r (RMS over nC, after the matmul), alpha gates, bias.
+    logits = MappingLogits.apply(x.reshape(-1, n * c), phi, gate, bias, float(eps)).reshape(*lead, width)
     h_pre = torch.sigmoid(logits[..., :n])  # Eq 17
     h_post = 2.0 * torch.sigmoid(logits[..., n : 2 * n])  # Eq 18
     h_res = sinkhorn_knopp_torch(logits[..., 2 * n :].unflatten(-1, (n, n)), int(t_max))  # Eq 19
@@ -149,8 +148,7 @@ def apply_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch") -> t
     kernel = _dispatch("apply_pre", backend, x.device)
     if kernel is not None:
         return kernel(x, h_pre)
-    out = torch.einsum("...i,...ic->...c", h_pre.float(), x.float())
-    return out.to(x.dtype)
+    return ApplyPre.apply(x, h_pre)
 
 
 def apply_post_res(
@@ -175,9 +173,7 @@ def apply_post_res(
     kernel = _dispatch("apply_post_res", backend, x.device)
     if kernel is not None:
         return kernel(x, y, h_post, h_res)
-    mixed = torch.matmul(h_res.float(), x.float())
-    out = mixed + h_post.float().unsqueeze(-1) * y.float().unsqueeze(-2)
-    return out.to(x.dtype)
+    return ApplyPostRes.apply(x, y, h_post, h_res)
 
 
 # --------------------------------------------------------------------------------------------

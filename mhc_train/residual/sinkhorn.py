@@ -1,8 +1,13 @@
 """Sinkhorn-Knopp projection onto the doubly stochastic matrices (mHC Eq 9).
 
 The forward keeps nothing but its input; the backward re-runs the iterations and
-back-propagates through them. Autograd through 20 unrolled iterations would keep 2 * t_max
-intermediate [.., n, n] tensors per call; recomputing is cheap because n is tiny.
+back-propagates through them by hand. Autograd through 20 unrolled iterations would keep
+2 * t_max intermediate [.., n, n] tensors per call for the whole backward pass; here they live
+only inside this op's backward.
+
+The iterations run on a [n, n, tokens] layout: the n x n matrices are tiny, so with tokens
+last every normalisation is a contiguous, vectorised pass (the [tokens, n, n] layout spends
+most of its time in broadcasting over 4-element rows).
 """
 
 from __future__ import annotations
@@ -11,13 +16,30 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
-def _iterate(logits: torch.Tensor, t_max: int) -> torch.Tensor:
+def _to_token_last(logits: torch.Tensor) -> torch.Tensor:
+    n = logits.shape[-1]
+    return logits.reshape(-1, n, n).permute(1, 2, 0).contiguous()  # [n, n, T]
+
+
+def _from_token_last(m: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return m.permute(2, 0, 1).reshape(shape)
+
+
+def _exp_shifted(logits_nnt: torch.Tensor) -> torch.Tensor:
     # Subtracting the per-matrix max is exact: a constant factor cancels in the first
     # column normalisation. It keeps exp() finite for large logits.
-    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    return torch.exp(logits_nnt - logits_nnt.amax(dim=(0, 1), keepdim=True))
+
+
+def _iterate(logits_nnt: torch.Tensor, t_max: int, keep: list | None = None) -> torch.Tensor:
+    """t_max x (columns, then rows). With ``keep``, record (normalised matrix, sums) per step."""
+    m = _exp_shifted(logits_nnt)
     for _ in range(t_max):
-        m = m / m.sum(dim=-2, keepdim=True)  # T_c: every column sums to 1
-        m = m / m.sum(dim=-1, keepdim=True)  # T_r: every row sums to 1
+        for dim in (0, 1):  # dim 0: sum over rows i = column sums (T_c); dim 1: row sums (T_r)
+            s = m.sum(dim=dim, keepdim=True)
+            m = m / s
+            if keep is not None:
+                keep.append((m, s, dim))
     return m
 
 
@@ -26,21 +48,39 @@ class _SinkhornKnopp(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, t_max: int) -> torch.Tensor:
         ctx.save_for_backward(logits)
         ctx.t_max = t_max
-        return _iterate(logits, t_max)
+        with torch.no_grad():
+            m = _iterate(_to_token_last(logits), t_max)
+        return _from_token_last(m, logits.shape).contiguous()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        with torch.enable_grad():
-            x = logits.detach().requires_grad_(True)
-            out = _iterate(x, ctx.t_max)
-            (grad_in,) = torch.autograd.grad(out, x, grad_out)
-        return grad_in, None
+        steps: list = []
+        _iterate(_to_token_last(logits), ctx.t_max, keep=steps)
+        g = _to_token_last(grad_out)
+        # m_new = m / sum_dim(m)  =>  dL/dm = (g - sum_dim(g * m_new)) / sum_dim(m)
+        for m_new, s, dim in reversed(steps):
+            g = (g - (g * m_new).sum(dim=dim, keepdim=True)) / s
+        # m0 = exp(l - max): the max shift carries no gradient (the result does not depend on it).
+        m0 = _exp_shifted(_to_token_last(logits))
+        return _from_token_last(g * m0, logits.shape), None
+
+
+def _iterate_autograd(logits: torch.Tensor, t_max: int) -> torch.Tensor:
+    """The same maths on [..., n, n] with plain autograd: the reference for the custom backward."""
+    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(t_max):
+        m = m / m.sum(dim=-2, keepdim=True)
+        m = m / m.sum(dim=-1, keepdim=True)
+    return m
 
 
 def sinkhorn_knopp_torch(logits: torch.Tensor, t_max: int, recompute_backward: bool = True) -> torch.Tensor:
     """Reference Sinkhorn-Knopp. ``recompute_backward=False`` differentiates the unrolled loop."""
-    if recompute_backward and torch.is_grad_enabled() and logits.requires_grad:
+    if not recompute_backward:
+        return _iterate_autograd(logits, t_max)
+    if torch.is_grad_enabled() and logits.requires_grad:
         return _SinkhornKnopp.apply(logits, t_max)
-    return _iterate(logits, t_max)
+    with torch.no_grad():
+        return _from_token_last(_iterate(_to_token_last(logits), t_max), logits.shape).contiguous()
