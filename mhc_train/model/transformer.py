@@ -37,6 +37,9 @@ from mhc_train.residual import (
     expand_streams,
 )
 from mhc_train.residual.gains import GainReport
+from mhc_train.residual.recompute import PlainRegions, RecomputePlan, optimal_block_size, parse_recompute
+
+PLAIN_REGIONS = PlainRegions()
 
 
 class Block(nn.Module):
@@ -51,12 +54,22 @@ class Block(nn.Module):
         self.is_moe = index >= cfg.n_dense_layers
         self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.dim, cfg.ffn_dim_dense)
 
-    def forward(self, streams: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        u, mix = self.attn_conn.read(streams)
-        streams = self.attn_conn.write(streams, self.attn(self.attn_norm(u), rope), mix)
-        u, mix = self.ffn_conn.read(streams)
-        streams = self.ffn_conn.write(streams, self.ffn(self.ffn_norm(u)), mix)
-        return streams
+    def forward(self, streams: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], regions=None) -> torch.Tensor:
+        regions = regions or PLAIN_REGIONS
+        streams = self._sublayer(0, self.attn_conn, self.attn_norm, lambda a: self.attn(a, rope), streams, regions)
+        return self._sublayer(1, self.ffn_conn, self.ffn_norm, self.ffn, streams, regions)
+
+    def _sublayer(self, j, conn, norm, layer, streams, regions) -> torch.Tensor:
+        """read -> norm -> F -> write; the regions let block recomputation drop what read and
+        write saved (mhc_train.residual.recompute)."""
+        index = 2 * self.index + j
+        with regions.read(index, streams):
+            u, mix = conn.read(streams)
+            a = norm(u)
+        with regions.layer(index, a):
+            y = layer(a)
+        with regions.write(index, conn, norm, y):
+            return conn.write(streams, y, mix)
 
 
 @dataclass
@@ -78,6 +91,8 @@ class MHCTransformer(nn.Module):
         self.contract = StreamContraction(rcfg)
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Sublayer indices where recompute blocks must restart (pipeline stage starts).
+        self.recompute_boundaries: tuple[int, ...] = (0,)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -129,8 +144,9 @@ class MHCTransformer(nn.Module):
             raise ValueError(f"tokens must be an integer tensor [B, S], got {tuple(tokens.shape)} {tokens.dtype}")
         rope = self.rope(tokens.shape[1], tokens.device)
         streams = self.embed_streams(tokens)
+        regions = self.recompute_plan()
         for block in self.blocks:
-            streams = block(streams, rope)
+            streams = block(streams, rope, regions)
         logits = self.head_logits(streams)
         if targets is None:
             return LMOutput(logits)
@@ -138,6 +154,20 @@ class MHCTransformer(nn.Module):
         aux = self.balance_loss()
         loss = ce if aux is None else ce + aux
         return LMOutput(logits, loss, ce, aux)
+
+    def recompute_block_size(self) -> int | None:
+        """L_r of the residual-stream recomputation, or None when off (``residual.recompute``)."""
+        setting = parse_recompute(self.rcfg.recompute)
+        if setting == "auto":
+            return optimal_block_size(self.n_streams, self.cfg.n_sublayers)
+        return setting
+
+    def recompute_plan(self):
+        """A fresh recompute state for one forward, or plain regions when there is nothing to do."""
+        block_size = self.recompute_block_size()
+        if block_size is None or not torch.is_grad_enabled():
+            return PLAIN_REGIONS
+        return RecomputePlan(block_size, self.parameters(), self.recompute_boundaries)
 
     # ----------------------------------------------------------------------- training hooks
 

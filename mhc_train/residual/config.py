@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mhc_train.residual.recompute import parse_recompute
+
 VARIANTS = ("baseline", "hc", "mhc")
 CONTRACTIONS = ("sum", "mean", "learned")
 FIXED_MAPPINGS = ("pre", "post", "res")
@@ -46,6 +48,9 @@ class ResidualConfig:
     fix_res: bool = False
     # Implementation of the mHC ops: torch | triton | auto.
     backend: str = "torch"
+    # Recompute the residual-stream ops in backward over blocks of sublayers (paper Table 3):
+    # off, auto (Eq 20's L_r* = round(sqrt(nL/(n+2))), L = sublayers) or a block size L_r.
+    recompute: str = "off"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -70,5 +75,9 @@ class ResidualConfig:
             bad("rms_eps", f"must be >= 0, got {self.rms_eps}")
         if self.backend not in ("torch", "triton", "auto"):
             bad("backend", f"must be torch, triton or auto, got {self.backend!r}")
+        try:
+            parse_recompute(self.recompute)
+        except ValueError as exc:
+            bad("recompute", str(exc).removeprefix("recompute "))
         if self.variant == "baseline" and (self.fix_pre or self.fix_post or self.fix_res):
             bad("fix_*", "ablation switches apply to hc and mhc only")
