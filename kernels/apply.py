@@ -1,0 +1,279 @@
+"""Applying the mHC mappings in Triton: H_pre x and H_res x + H_post^T y, forward and backward.
+
+References (the specification): ``mhc_train.residual.torch_ops.ApplyPre`` and
+``mhc_train.residual.torch_ops.ApplyPostRes``, dispatched by ``mhc_train.residual.ops.apply_pre``
+and ``mhc_train.residual.ops.apply_post_res``.
+
+All maths in fp32 (inputs upcast right after ``tl.load``), outputs in x's dtype; coefficient
+gradients in the coefficients' dtype. Per token, in elements:
+
+* ``_apply_pre_fwd_kernel``: u = sum_i h[i] x[i]. Reads nC + n, writes C.
+* ``_apply_pre_bwd_kernel``: grad_x = h (x) g, grad_h = sum_c x g. One program owns its tokens'
+  whole C (looping over C blocks) so grad_h is reduced in registers. Reads nC + C + n,
+  writes nC + n.
+* ``_apply_post_res_fwd_kernel``: out = h_res x + h_post^T y. Reads (n+1)C + n^2 + n, writes nC
+  (the fused post/res kernel of the paper, Table 2's (3n+1)C reads cut to (n+1)C).
+* ``_apply_post_res_bwd_kernel``: grad_x = h_res^T g, grad_y = h_post . g,
+  grad_h_post = sum_c g y, grad_h_res = g x^T, one pass over C per token.
+  Reads (2n+1)C + n^2 + n, writes (n+1)C + n^2 + n.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from ._common import check_devices, check_shape, check_streams, check_tensor, next_pow2, num_tokens
+
+TILE_ELEMENTS = 2048  # fp32 elements of a program's [BLOCK_T, NP, BLOCK_C] tile
+
+
+@triton.jit
+def _apply_pre_fwd_kernel(x_ptr, h_ptr, u_ptr, T, C,
+                          N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok = rows < T
+    rows64 = rows.to(tl.int64)
+    idx = tl.arange(0, NP)
+    ok = tok[:, None] & (idx < N)[None, :]
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < C
+    h = tl.load(h_ptr + rows64[:, None] * N + idx[None, :], mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows64[:, None, None] * (N * C) + idx[None, :, None] * C + cs[None, None, :],
+                mask=ok[:, :, None] & c_ok[None, None, :], other=0.0).to(tl.float32)
+    u = tl.sum(h[:, :, None] * x, axis=1)
+    tl.store(u_ptr + rows64[:, None] * C + cs[None, :], u.to(u_ptr.dtype.element_ty), mask=tok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _apply_pre_bwd_kernel(x_ptr, h_ptr, g_ptr, gx_ptr, gh_ptr, T, C,
+                          N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                          NEED_X: tl.constexpr, NEED_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok = rows < T
+    rows64 = rows.to(tl.int64)
+    idx = tl.arange(0, NP)
+    ok = tok[:, None] & (idx < N)[None, :]
+    h = tl.load(h_ptr + rows64[:, None] * N + idx[None, :], mask=ok, other=0.0).to(tl.float32)
+    acc_h = tl.zeros([BLOCK_T, NP], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cs < C
+        mask3 = ok[:, :, None] & c_ok[None, None, :]
+        offs3 = rows64[:, None, None] * (N * C) + idx[None, :, None] * C + cs[None, None, :]
+        g = tl.load(g_ptr + rows64[:, None] * C + cs[None, :], mask=tok[:, None] & c_ok[None, :],
+                    other=0.0).to(tl.float32)
+        if NEED_X:
+            tl.store(gx_ptr + offs3, (h[:, :, None] * g[:, None, :]).to(gx_ptr.dtype.element_ty), mask=mask3)
+        if NEED_H:
+            x = tl.load(x_ptr + offs3, mask=mask3, other=0.0).to(tl.float32)
+            acc_h += tl.sum(x * g[:, None, :], axis=2)
+    if NEED_H:
+        tl.store(gh_ptr + rows64[:, None] * N + idx[None, :], acc_h.to(gh_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _apply_post_res_fwd_kernel(x_ptr, y_ptr, hp_ptr, hr_ptr, out_ptr, T, C,
+                               N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok = rows < T
+    rows64 = rows.to(tl.int64)
+    idx = tl.arange(0, NP)
+    ok = tok[:, None] & (idx < N)[None, :]
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < C
+    mask2 = tok[:, None] & c_ok[None, :]
+    out = tl.zeros([BLOCK_T, NP, BLOCK_C], dtype=tl.float32)
+    for j in tl.static_range(N):  # out[i] += h_res[i, j] x[j]
+        hr_j = tl.load(hr_ptr + rows64[:, None] * (N * N) + idx[None, :] * N + j, mask=ok, other=0.0).to(tl.float32)
+        x_j = tl.load(x_ptr + rows64[:, None] * (N * C) + j * C + cs[None, :], mask=mask2, other=0.0).to(tl.float32)
+        out += hr_j[:, :, None] * x_j[:, None, :]
+    hp = tl.load(hp_ptr + rows64[:, None] * N + idx[None, :], mask=ok, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + rows64[:, None] * C + cs[None, :], mask=mask2, other=0.0).to(tl.float32)
+    out += hp[:, :, None] * y[:, None, :]
+    tl.store(out_ptr + rows64[:, None, None] * (N * C) + idx[None, :, None] * C + cs[None, None, :],
+             out.to(out_ptr.dtype.element_ty), mask=ok[:, :, None] & c_ok[None, None, :])
+
+
+@triton.jit
+def _apply_post_res_bwd_kernel(x_ptr, y_ptr, hp_ptr, hr_ptr, g_ptr, gx_ptr, gy_ptr, ghp_ptr, ghr_ptr, T, C,
+                               N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                               NEED_X: tl.constexpr, NEED_Y: tl.constexpr, NEED_HP: tl.constexpr,
+                               NEED_HR: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok = rows < T
+    rows64 = rows.to(tl.int64)
+    idx = tl.arange(0, NP)
+    ok = tok[:, None] & (idx < N)[None, :]
+    acc_hp = tl.zeros([BLOCK_T, NP], dtype=tl.float32)
+    acc_hr = tl.zeros([BLOCK_T, NP, NP], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cs < C
+        mask2 = tok[:, None] & c_ok[None, :]
+        mask3 = ok[:, :, None] & c_ok[None, None, :]
+        offs3 = rows64[:, None, None] * (N * C) + idx[None, :, None] * C + cs[None, None, :]
+        gx = tl.zeros([BLOCK_T, NP, BLOCK_C], dtype=tl.float32)
+        gy = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        y = tl.load(y_ptr + rows64[:, None] * C + cs[None, :], mask=mask2, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs3, mask=mask3, other=0.0).to(tl.float32)  # [BLOCK_T, j, BLOCK_C]
+        for i in tl.static_range(N):
+            g_i = tl.load(g_ptr + rows64[:, None] * (N * C) + i * C + cs[None, :], mask=mask2,
+                          other=0.0).to(tl.float32)
+            if NEED_X:  # grad_x[j] += h_res[i, j] g[i]
+                hr_i = tl.load(hr_ptr + rows64[:, None] * (N * N) + i * N + idx[None, :], mask=ok,
+                               other=0.0).to(tl.float32)
+                gx += hr_i[:, :, None] * g_i[:, None, :]
+            if NEED_Y:
+                hp_i = tl.load(hp_ptr + rows64 * N + i, mask=tok, other=0.0).to(tl.float32)
+                gy += hp_i[:, None] * g_i
+            if NEED_HP:
+                acc_hp += tl.where((idx == i)[None, :], tl.sum(g_i * y, axis=1)[:, None], 0.0)
+            if NEED_HR:  # grad_h_res[i, j] += sum_c g[i] x[j]
+                acc_hr += tl.where((idx == i)[None, :, None], tl.sum(g_i[:, None, :] * x, axis=2)[:, None, :], 0.0)
+        if NEED_X:
+            tl.store(gx_ptr + offs3, gx.to(gx_ptr.dtype.element_ty), mask=mask3)
+        if NEED_Y:
+            tl.store(gy_ptr + rows64[:, None] * C + cs[None, :], gy.to(gy_ptr.dtype.element_ty), mask=mask2)
+    if NEED_HP:
+        tl.store(ghp_ptr + rows64[:, None] * N + idx[None, :], acc_hp.to(ghp_ptr.dtype.element_ty), mask=ok)
+    if NEED_HR:
+        valid = ok[:, :, None] & (idx < N)[None, None, :]
+        tl.store(ghr_ptr + rows64[:, None, None] * (N * N) + idx[None, :, None] * N + idx[None, None, :],
+                 acc_hr.to(ghr_ptr.dtype.element_ty), mask=valid)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _blocks(n: int, c: int, t: int) -> tuple[int, int, int]:
+    npad = next_pow2(n)
+    block_c = min(next_pow2(c), max(16, TILE_ELEMENTS // npad))
+    block_t = max(1, min(next_pow2(t), TILE_ELEMENTS // (npad * block_c)))
+    return npad, block_t, block_c
+
+
+def apply_pre_forward(x3, h2):
+    t, n, c = x3.shape
+    u = torch.empty(t, c, device=x3.device, dtype=x3.dtype)
+    if t > 0:
+        npad, bt, bc = _blocks(n, c, t)
+        _apply_pre_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
+            x3, h2, u, t, c, N=n, NP=npad, BLOCK_T=bt, BLOCK_C=bc)
+    return u
+
+
+def apply_pre_backward(x3, h2, g2, need_x: bool, need_h: bool):
+    """(grad_x in x's dtype or None, grad_h in fp32 or None)."""
+    t, n, c = x3.shape
+    gx = torch.empty_like(x3) if need_x else None
+    gh = torch.empty(t, n, device=x3.device, dtype=torch.float32) if need_h else None
+    if t > 0 and (need_x or need_h):
+        npad, bt, bc = _blocks(n, c, t)
+        _apply_pre_bwd_kernel[(triton.cdiv(t, bt),)](
+            x3, h2, g2, gx if need_x else g2, gh if need_h else g2, t, c,
+            N=n, NP=npad, BLOCK_T=bt, BLOCK_C=bc, NEED_X=need_x, NEED_H=need_h)
+    return gx, gh
+
+
+class ApplyPre(torch.autograd.Function):
+    """u [T, C] = sum_i h [T, n] x [T, n, C]; contiguous operands."""
+
+    @staticmethod
+    def forward(ctx, x3, h2):
+        ctx.save_for_backward(x3, h2)
+        return apply_pre_forward(x3, h2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x3, h2 = ctx.saved_tensors
+        need_x, need_h = ctx.needs_input_grad
+        gx, gh = apply_pre_backward(x3, h2, g.contiguous(), need_x, need_h)
+        return gx, gh.to(h2.dtype) if gh is not None else None
+
+
+def apply_post_res_forward(x3, y2, hp, hr):
+    t, n, c = x3.shape
+    out = torch.empty_like(x3)
+    if t > 0:
+        npad, bt, bc = _blocks(n, c, t)
+        _apply_post_res_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
+            x3, y2, hp, hr, out, t, c, N=n, NP=npad, BLOCK_T=bt, BLOCK_C=bc)
+    return out
+
+
+class ApplyPostRes(torch.autograd.Function):
+    """out [T, n, C] = h_res [T, n, n] x [T, n, C] + h_post [T, n]^T y [T, C]; contiguous operands."""
+
+    @staticmethod
+    def forward(ctx, x3, y2, hp, hr):
+        ctx.save_for_backward(x3, y2, hp, hr)
+        return apply_post_res_forward(x3, y2, hp, hr)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x3, y2, hp, hr = ctx.saved_tensors
+        t, n, c = x3.shape
+        need = ctx.needs_input_grad
+        gx = torch.empty_like(x3) if need[0] else None
+        gy = torch.empty_like(y2) if need[1] else None
+        ghp = torch.empty(t, n, device=x3.device, dtype=torch.float32) if need[2] else None
+        ghr = torch.empty(t, n, n, device=x3.device, dtype=torch.float32) if need[3] else None
+        if t > 0 and any(need):
+            npad, bt, bc = _blocks(n, c, t)
+            g = g.contiguous()
+            _apply_post_res_bwd_kernel[(triton.cdiv(t, bt),)](
+                x3, y2, hp, hr, g, gx if need[0] else g, gy if need[1] else g,
+                ghp if need[2] else g, ghr if need[3] else g, t, c,
+                N=n, NP=npad, BLOCK_T=bt, BLOCK_C=bc,
+                NEED_X=need[0], NEED_Y=need[1], NEED_HP=need[2], NEED_HR=need[3])
+        return (gx, gy, ghp.to(hp.dtype) if ghp is not None else None,
+                ghr.to(hr.dtype) if ghr is not None else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entries
+# --------------------------------------------------------------------------------------------
+
+
+def apply_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """Triton ``apply_pre``: same contract as ``mhc_train.residual.ops.apply_pre``."""
+    n, c = check_streams("x", x)
+    check_tensor("h_pre", h_pre)
+    lead = tuple(x.shape[:-2])
+    check_shape("h_pre", h_pre, (*lead, n), "[..., n]")
+    check_devices(_apply_pre_fwd_kernel, x=x, h_pre=h_pre)
+    t = num_tokens(lead)
+    x3 = x.reshape(t, n, c).contiguous()
+    h2 = h_pre.reshape(t, n).contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or h_pre.requires_grad):
+        u = ApplyPre.apply(x3, h2)
+    else:
+        u = apply_pre_forward(x3, h2)
+    return u.reshape(*lead, c)
+
+
+def apply_post_res(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
+    """Triton ``apply_post_res``: same contract as ``mhc_train.residual.ops.apply_post_res``."""
+    n, c = check_streams("x", x)
+    for name, t in (("y", y), ("h_post", h_post), ("h_res", h_res)):
+        check_tensor(name, t)
+    lead = tuple(x.shape[:-2])
+    check_shape("y", y, (*lead, c), "[..., C]")
+    check_shape("h_post", h_post, (*lead, n), "[..., n]")
+    check_shape("h_res", h_res, (*lead, n, n), "[..., n, n]")
+    check_devices(_apply_post_res_fwd_kernel, x=x, y=y, h_post=h_post, h_res=h_res)
+    t = num_tokens(lead)
+    args = (x.reshape(t, n, c).contiguous(), y.reshape(t, c).contiguous(),
+            h_post.reshape(t, n).contiguous(), h_res.reshape(t, n, n).contiguous())
+    if torch.is_grad_enabled() and any(a.requires_grad for a in (x, y, h_post, h_res)):
+        out = ApplyPostRes.apply(*args)
+    else:
+        out = apply_post_res_forward(*args)
+    return out.reshape(x.shape)
