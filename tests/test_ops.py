@@ -185,3 +185,14 @@ def test_hand_written_backwards_match_plain_autograd():
     ours(*leaves).backward()
     for got, w in zip((t.grad for t in leaves), want):
         assert torch.allclose(got, w, atol=1e-5, rtol=1e-4)
+
+
+def test_pre_mappings_is_mappings_then_pre():
+    from mhc_train.residual import mhc_pre_mappings
+
+    x, phi, alpha, bias = random_inputs((2, 3), 4, 6)
+    u, h_pre, h_post, h_res = mhc_pre_mappings(x, phi, alpha, bias, 20)
+    ref = mhc_mappings(x, phi, alpha, bias, 20)
+    for got, want in zip((h_pre, h_post, h_res), ref):
+        assert torch.equal(got, want)
+    assert torch.equal(u, apply_pre(x, ref[0]))

@@ -9,7 +9,14 @@ from mhc_train.residual.config import ResidualConfig
 from mhc_train.residual.gains import GainReport, composite_gains
 from mhc_train.residual.hyper import HyperConnection
 from mhc_train.residual.manifold import ManifoldHyperConnection
-from mhc_train.residual.ops import amax_gain, apply_post_res, apply_pre, mhc_mappings, sinkhorn_knopp
+from mhc_train.residual.ops import (
+    amax_gain,
+    apply_post_res,
+    apply_pre,
+    mhc_mappings,
+    mhc_pre_mappings,
+    sinkhorn_knopp,
+)
 from mhc_train.residual.streams import StreamContraction, expand_streams
 
 
@@ -37,5 +44,6 @@ __all__ = [
     "composite_gains",
     "expand_streams",
     "mhc_mappings",
+    "mhc_pre_mappings",
     "sinkhorn_knopp",
 ]

@@ -12,7 +12,7 @@ from torch import nn
 
 from mhc_train.residual.base import ResidualConnection
 from mhc_train.residual.config import ResidualConfig
-from mhc_train.residual.ops import apply_post_res, apply_pre, mapping_width, mhc_mappings
+from mhc_train.residual.ops import apply_post_res, apply_pre, mapping_width, mhc_mappings, mhc_pre_mappings
 
 
 def mhc_bias_init(cfg: ResidualConfig, home: int) -> torch.Tensor:
@@ -59,9 +59,17 @@ class ManifoldHyperConnection(ResidualConnection):
         return fix_mappings(cfg, h_pre, h_post, h_res)
 
     def read(self, streams: torch.Tensor):
-        h_pre, h_post, h_res = self.mappings(streams)
+        cfg = self.cfg
+        if cfg.fix_pre:  # H_pre is replaced before it is applied: no fused pre
+            h_pre, h_post, h_res = self.mappings(streams)
+            u = apply_pre(streams, h_pre, backend=cfg.backend)
+        else:
+            u, h_pre, h_post, h_res = mhc_pre_mappings(
+                streams, self.phi, self.alpha, self.bias, cfg.t_max, eps=cfg.rms_eps, backend=cfg.backend
+            )
+            _, h_post, h_res = fix_mappings(cfg, h_pre, h_post, h_res)
         self._record(h_res)
-        return apply_pre(streams, h_pre, backend=self.cfg.backend), (h_post, h_res)
+        return u, (h_post, h_res)
 
     def write(self, streams: torch.Tensor, y: torch.Tensor, mix) -> torch.Tensor:
         h_post, h_res = mix

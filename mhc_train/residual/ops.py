@@ -86,6 +86,18 @@ def mapping_width(n: int) -> int:
     return n * n + 2 * n
 
 
+def _check_mapping_inputs(x, phi, alpha, bias) -> tuple[int, int]:
+    _check_float("x", x)
+    _check(x.dim() >= 2, f"x must have shape [..., n, C], got {tuple(x.shape)}")
+    n, c = x.shape[-2], x.shape[-1]
+    width = mapping_width(n)
+    _check(tuple(phi.shape) == (n * c, width),
+           f"phi must have shape [n*C, n*n+2n] = [{n * c}, {width}], got {tuple(phi.shape)}")
+    _check(tuple(alpha.shape) == (3,), f"alpha must have shape [3], got {tuple(alpha.shape)}")
+    _check(tuple(bias.shape) == (width,), f"bias must have shape [{width}], got {tuple(bias.shape)}")
+    return n, c
+
+
 def mhc_mappings(
     x: torch.Tensor,
     phi: torch.Tensor,
@@ -104,14 +116,8 @@ def mhc_mappings(
     Returns h_pre = sigmoid ``[..., n]``, h_post = 2 sigmoid ``[..., n]``,
     h_res = Sinkhorn-Knopp(H~_res) ``[..., n, n]``.
     """
-    _check_float("x", x)
-    _check(x.dim() >= 2, f"x must have shape [..., n, C], got {tuple(x.shape)}")
-    n, c = x.shape[-2], x.shape[-1]
+    n, c = _check_mapping_inputs(x, phi, alpha, bias)
     width = mapping_width(n)
-    _check(tuple(phi.shape) == (n * c, width),
-           f"phi must have shape [n*C, n*n+2n] = [{n * c}, {width}], got {tuple(phi.shape)}")
-    _check(tuple(alpha.shape) == (3,), f"alpha must have shape [3], got {tuple(alpha.shape)}")
-    _check(tuple(bias.shape) == (width,), f"bias must have shape [{width}], got {tuple(bias.shape)}")
     kernel = _dispatch("mhc_mappings", backend, x.device)
     if kernel is not None:
         return kernel(x, phi, alpha, bias, int(t_max), eps)
@@ -124,6 +130,28 @@ def mhc_mappings(
     h_post = 2.0 * torch.sigmoid(logits[..., n : 2 * n])  # Eq 18
     h_res = sinkhorn_knopp_torch(logits[..., 2 * n :].unflatten(-1, (n, n)), int(t_max))  # Eq 19
     return h_pre, h_post, h_res
+
+
+def mhc_pre_mappings(
+    x: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor,
+    t_max: int,
+    eps: float = 0.0,
+    backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mhc_mappings`` followed by ``apply_pre``: returns ``(u, h_pre, h_post, h_res)``.
+
+    The Triton backend does it in one fused kernel that reads x once for the mappings and once
+    more (from cache) for H_pre x; the torch backend composes the two ops.
+    """
+    kernel = _dispatch("fused_pre_mappings", backend, x.device)
+    if kernel is not None:
+        _check_mapping_inputs(x, phi, alpha, bias)
+        return kernel(x, phi, alpha, bias, int(t_max), eps)
+    h_pre, h_post, h_res = mhc_mappings(x, phi, alpha, bias, t_max, eps, backend="torch")
+    return apply_pre(x, h_pre), h_pre, h_post, h_res
 
 
 # --------------------------------------------------------------------------------------------
