@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -84,8 +85,22 @@ class _Block:
     keep: set = field(default_factory=set)  # storage keys kept as they are
     cache: dict | None = None
     layer_inputs: dict = field(default_factory=dict)
-    handles: int = 0
-    unpacked: int = 0
+    live_handles: int = 0
+    ready: object = None  # CUDA event recorded after the recompute
+
+    def new_handle(self, key: tuple, view: tuple | None = None) -> _Handle:
+        handle = _Handle(self, key, view)
+        self.live_handles += 1
+        # The cache lives as long as any handle: autograd drops a saved tensor when its node
+        # ran (or, with retain_graph, when the graph goes), so a split backward (input grads,
+        # then weight grads) reuses one recompute instead of running it twice.
+        weakref.finalize(handle, self._handle_released)
+        return handle
+
+    def _handle_released(self) -> None:
+        self.live_handles -= 1
+        if self.live_handles == 0:
+            self.cache, self.layer_inputs, self.ready = None, {}, None
 
     def recompute(self) -> None:
         """Re-run the read/write regions from the block input; record what autograd saves."""
@@ -108,6 +123,8 @@ class _Block:
                 region[0], counter[0] = ("write", index), 0
                 x = conn.write(x, y.detach().requires_grad_(y.requires_grad), mix)
         self.cache = recorded
+        if self.input.is_cuda:  # an overlapped backward may unpack on another stream
+            self.ready = torch.cuda.current_stream().record_event()
 
     def unpack(self, handle: _Handle) -> torch.Tensor:
         if self.cache is None:
@@ -117,9 +134,10 @@ class _Block:
         else:
             size, stride, offset = handle.view
             t = self.layer_inputs[handle.key[1]].as_strided(size, stride, offset)
-        self.unpacked += 1
-        if self.unpacked >= self.handles:  # every dropped tensor was handed out: free the block
-            self.cache, self.layer_inputs, self.unpacked = None, {}, 0
+        if self.ready is not None:
+            stream = torch.cuda.current_stream()
+            stream.wait_event(self.ready)
+            t.record_stream(stream)
         return t
 
 
@@ -157,8 +175,7 @@ class RecomputePlan:
                 _observe_kept(t)
                 return t
             counter[0] += 1
-            block.handles += 1
-            return _Handle(block, ("layer", index, counter[0]), (t.size(), t.stride(), t.storage_offset()))
+            return block.new_handle(("layer", index, counter[0]), (t.size(), t.stride(), t.storage_offset()))
 
         with _labelled(("layer", index, input_key)), torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
             yield
@@ -182,8 +199,7 @@ class RecomputePlan:
             if storage in self.param_keys or storage in block.keep:
                 _observe_kept(t)
                 return t
-            block.handles += 1
-            return _Handle(block, key)
+            return block.new_handle(key)
 
         with _labelled(region), torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
             yield
