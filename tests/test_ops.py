@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mhc_train.residual import amax_gain, apply_post_res, apply_pre, mhc_mappings
+from mhc_train.residual import amax_gain, apply_post_res, apply_pre, mhc_mappings, mhc_pre_mappings
 from test_sinkhorn import loop_sinkhorn
 
 
@@ -148,6 +148,7 @@ def test_hand_written_backwards_pass_gradcheck():
     assert torch.autograd.gradcheck(apply_pre, (x, h_pre))  # fp64 inputs keep fp64 maths
     assert torch.autograd.gradcheck(apply_post_res, (x, y, h_post, h_res))
     assert torch.autograd.gradcheck(lambda *a: mhc_mappings(*a, t_max=5, eps=1e-6), (x, phi, alpha, bias))
+    assert torch.autograd.gradcheck(lambda *a: mhc_pre_mappings(*a, t_max=5, eps=1e-6), (x, phi, alpha, bias))
     from mhc_train.residual.torch_ops import MappingLogits
 
     gate = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
@@ -188,11 +189,31 @@ def test_hand_written_backwards_match_plain_autograd():
 
 
 def test_pre_mappings_is_mappings_then_pre():
-    from mhc_train.residual import mhc_pre_mappings
+
 
     x, phi, alpha, bias = random_inputs((2, 3), 4, 6)
     u, h_pre, h_post, h_res = mhc_pre_mappings(x, phi, alpha, bias, 20)
     ref = mhc_mappings(x, phi, alpha, bias, 20)
     for got, want in zip((h_pre, h_post, h_res), ref):
-        assert torch.equal(got, want)
-    assert torch.equal(u, apply_pre(x, ref[0]))
+        assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(u, apply_pre(x, ref[0]), atol=1e-6)
+    # ... and its one-node backward equals the composed ops' gradients.
+    y = torch.randn(2, 3, 6)
+    leaves = [t.clone().requires_grad_(True) for t in (x, phi, alpha, bias)]
+
+    def loss(fused):
+        xx, p, a, b = leaves
+        if fused:
+            uu, hp, hpost, hres = mhc_pre_mappings(xx, p, a, b, 20)
+        else:
+            hp, hpost, hres = mhc_mappings(xx, p, a, b, 20)
+            uu = apply_pre(xx, hp)
+        return (uu * y).sum() + (hpost * torch.arange(4.0)).sum() + (hres * hres).sum() + hp.sum()
+
+    loss(False).backward()
+    want = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    loss(True).backward()
+    for got, w in zip((t.grad for t in leaves), want):
+        assert torch.allclose(got, w, atol=1e-5, rtol=1e-4)

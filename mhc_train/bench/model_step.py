@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--variants", default="baseline,hc,mhc")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     cfg = load_model_config(args.model)
@@ -70,10 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     base = statistics.median(times.get("baseline", next(iter(times.values()))))
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"model={args.model} batch={args.batch} seq={args.seq} repeats={args.repeats} device={dev} torch={torch.__version__}")
-    print(f"{'variant':<10}{'step ms (median)':>18}{'min ms':>10}{'tokens/s':>12}{'vs baseline':>13}")
+    base_min = min(times.get("baseline", next(iter(times.values()))))
+    print(f"{'variant':<10}{'step ms (median)':>18}{'min ms':>10}{'tokens/s':>12}{'vs baseline':>13}{'min vs min':>12}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:<10}{med * 1e3:>18.1f}{min(ts) * 1e3:>10.1f}{tokens_per_step / med:>12.0f}{med / base:>12.3f}x")
+        print(f"{name:<10}{med * 1e3:>18.1f}{min(ts) * 1e3:>10.1f}{tokens_per_step / med:>12.0f}"
+              f"{med / base:>12.3f}x{min(ts) / base_min:>11.3f}x")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from mhc_train.residual.sinkhorn import sinkhorn_knopp_torch
-from mhc_train.residual.torch_ops import ApplyPostRes, ApplyPre, MappingLogits, at_least_fp32
+from mhc_train.residual.torch_ops import ApplyPostRes, ApplyPre, MappingLogits, PreMappings, at_least_fp32
 
 BACKENDS = ("torch", "triton", "auto")
 
@@ -144,14 +144,19 @@ def mhc_pre_mappings(
     """``mhc_mappings`` followed by ``apply_pre``: returns ``(u, h_pre, h_post, h_res)``.
 
     The Triton backend does it in one fused kernel that reads x once for the mappings and once
-    more (from cache) for H_pre x; the torch backend composes the two ops.
+    more (from cache) for H_pre x; the torch backend runs it as one autograd node with a
+    hand-written backward (``torch_ops.PreMappings``).
     """
     kernel = _dispatch("fused_pre_mappings", backend, x.device)
     if kernel is not None:
         _check_mapping_inputs(x, phi, alpha, bias)
         return kernel(x, phi, alpha, bias, int(t_max), eps)
-    h_pre, h_post, h_res = mhc_mappings(x, phi, alpha, bias, t_max, eps, backend="torch")
-    return apply_pre(x, h_pre), h_pre, h_post, h_res
+    n, c = _check_mapping_inputs(x, phi, alpha, bias)
+    _check(int(t_max) >= 1, f"t_max must be >= 1, got {t_max}")
+    lead = x.shape[:-2]
+    gate = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+    u, h_pre, h_post, h_res = PreMappings.apply(x.reshape(-1, n, c), phi, gate, bias, int(t_max), float(eps))
+    return u.reshape(*lead, c), h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
 
 
 # --------------------------------------------------------------------------------------------

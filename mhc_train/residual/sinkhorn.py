@@ -48,23 +48,32 @@ class _SinkhornKnopp(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, t_max: int) -> torch.Tensor:
         ctx.save_for_backward(logits)
         ctx.t_max = t_max
-        with torch.no_grad():
-            m = _iterate(_to_token_last(logits), t_max)
-        return _from_token_last(m, logits.shape).contiguous()
+        return sinkhorn_forward(logits, t_max)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        steps: list = []
-        _iterate(_to_token_last(logits), ctx.t_max, keep=steps)
-        g = _to_token_last(grad_out)
-        # m_new = m / sum_dim(m)  =>  dL/dm = (g - sum_dim(g * m_new)) / sum_dim(m)
-        for m_new, s, dim in reversed(steps):
-            g = (g - (g * m_new).sum(dim=dim, keepdim=True)) / s
-        # m0 = exp(l - max): the max shift carries no gradient (the result does not depend on it).
-        m0 = _exp_shifted(_to_token_last(logits))
-        return _from_token_last(g * m0, logits.shape), None
+        return sinkhorn_backward(logits, grad_out, ctx.t_max), None
+
+
+def sinkhorn_forward(logits: torch.Tensor, t_max: int) -> torch.Tensor:
+    """Sinkhorn-Knopp without autograd (the forward of the custom functions)."""
+    with torch.no_grad():
+        return _from_token_last(_iterate(_to_token_last(logits), t_max), logits.shape).contiguous()
+
+
+def sinkhorn_backward(logits: torch.Tensor, grad_out: torch.Tensor, t_max: int) -> torch.Tensor:
+    """d loss / d logits from d loss / d output, recomputing the iterations from the logits."""
+    steps: list = []
+    _iterate(_to_token_last(logits), t_max, keep=steps)
+    g = _to_token_last(grad_out)
+    # m_new = m / sum_dim(m)  =>  dL/dm = (g - sum_dim(g * m_new)) / sum_dim(m)
+    for m_new, s, dim in reversed(steps):
+        g = (g - (g * m_new).sum(dim=dim, keepdim=True)) / s
+    # m0 = exp(l - max): the max shift carries no gradient (the result does not depend on it).
+    m0 = _exp_shifted(_to_token_last(logits))
+    return _from_token_last(g * m0, logits.shape)
 
 
 def _iterate_autograd(logits: torch.Tensor, t_max: int) -> torch.Tensor:
@@ -82,5 +91,4 @@ def sinkhorn_knopp_torch(logits: torch.Tensor, t_max: int, recompute_backward: b
         return _iterate_autograd(logits, t_max)
     if torch.is_grad_enabled() and logits.requires_grad:
         return _SinkhornKnopp.apply(logits, t_max)
-    with torch.no_grad():
-        return _from_token_last(_iterate(_to_token_last(logits), t_max), logits.shape).contiguous()
+    return sinkhorn_forward(logits, t_max)
