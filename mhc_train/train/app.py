@@ -134,9 +134,16 @@ def _task(cfg: DictConfig) -> int:
         run_cfg = validate(cfg)
         run_dir = HydraConfig.get().runtime.output_dir
         resolved = OmegaConf.to_container(cfg, resolve=True)
+        from mhc_train.parallel.distributed import distributed, env_rank
         from mhc_train.train.trainer import Trainer
 
-        Trainer(run_cfg, run_dir, resolved).fit()
+        if env_rank() > 0:
+            _quiet_nonzero_rank()
+        p = run_cfg.parallel
+        device_type = "cuda" if run_cfg.train.device.startswith("cuda") or (
+            run_cfg.train.device == "auto" and _cuda_available()) else "cpu"
+        with distributed(None if p.backend == "auto" else p.backend, device_type):
+            Trainer(run_cfg, run_dir, resolved).fit()
         code = 0
     except Interrupted as e:  # a scheduler's SIGTERM / Ctrl-C: stop the whole sweep too
         raise SystemExit(_report(f"{e.prefix}: {e}", e.exit_code)) from None
@@ -148,6 +155,35 @@ def _task(cfg: DictConfig) -> int:
         code = _report(f"data error: {e}", 2)
     _job_codes.append(code)
     return code
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _quiet_nonzero_rank() -> None:
+    """Ranks > 0 under torchrun: warnings only, and no second writer of the run's log file."""
+    import logging
+
+    root = logging.getLogger()
+    for h in root.handlers[:]:
+        if isinstance(h, logging.FileHandler):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(logging.WARNING)
+    logging.getLogger("mhc_train").setLevel(logging.WARNING)
+
+
+def _hydra_argv(argv: list[str]) -> list[str]:
+    """Every torchrun process runs Hydra with the same overrides (so the same run directory);
+    only rank 0 writes ``.hydra/`` (the others would race on the same files)."""
+    import os
+
+    if int(os.environ.get("RANK", "0") or 0) > 0 and not any(a.startswith("hydra.output_subdir=") for a in argv):
+        return [*argv, "hydra.output_subdir=null"]
+    return argv
 
 
 def _hydra_main() -> None:
@@ -167,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(code)
     _job_codes.clear()
     saved = sys.argv
-    sys.argv = [saved[0] if saved else "mhc-train", *argv]
+    sys.argv = [saved[0] if saved else "mhc-train", *_hydra_argv(argv)]
     try:
         GlobalHydra.instance().clear()
         _hydra_main()

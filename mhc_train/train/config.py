@@ -66,9 +66,18 @@ class OptimConfig:
     decay_factors: List[float] = field(default_factory=lambda: [0.316, 0.1])  # of the base lr
 
 
+PARALLEL_MODES = ("single", "ddp", "fsdp", "deepspeed")
+
+
 @dataclass
 class ParallelConfig:
-    mode: str = "single"  # one process; data/pipeline parallel modes come with the distributed work
+    # single: one process; ddp | fsdp (FSDP2 fully_shard per block + root) | deepspeed (ZeRO 1/2):
+    # data parallel over torchrun's processes (mhc_train/parallel/data_parallel.py, docs/distributed.md)
+    mode: str = "single"
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    find_unused_parameters: bool = False  # ddp
+    reshard_after_forward: bool = True  # fsdp
+    zero_stage: int = 1  # deepspeed: 1 or 2
 
 
 @dataclass
@@ -324,11 +333,19 @@ def validate(cfg: DictConfig) -> RunConfig:
         _check(_int(data.vocab_size) and data.vocab_size >= 1, "data.vocab_size",
                f"must be an integer >= 1, got {data.vocab_size!r}")
 
-    _check(parallel.mode == "single", "parallel.mode",
-           f"only single is implemented (data/pipeline parallel come later), got {parallel.mode!r}")
+    _check(parallel.mode in PARALLEL_MODES, "parallel.mode",
+           f"must be one of {', '.join(PARALLEL_MODES)} (pipeline parallelism is not wired into the trainer "
+           f"yet; see docs/pipeline.md), got {parallel.mode!r}")
+    _check(parallel.mode != "deepspeed", "parallel.mode",
+           "deepspeed: the ZeRO-1/2 engine exists (mhc_train.parallel.data_parallel.wrap_deepspeed, tested "
+           "against one process) but the trainer does not drive it yet (its checkpoints differ); use ddp or fsdp")
+    _check(parallel.backend in ("auto", "nccl", "gloo"), "parallel.backend",
+           f"must be auto, nccl or gloo, got {parallel.backend!r}")
+    _check(parallel.zero_stage in (1, 2), "parallel.zero_stage",
+           f"DeepSpeed ZeRO stage 1 or 2 (3 is not supported here), got {parallel.zero_stage!r}")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    _check(world == 1, "parallel.mode",
-           f"single runs one process, but WORLD_SIZE={world} (torchrun): distributed training is not implemented yet")
+    _check(world == 1 or parallel.mode != "single", "parallel.mode",
+           f"single runs one process, but WORLD_SIZE={world} (torchrun): choose parallel=ddp, fsdp or deepspeed")
 
     _check(_int(logging_cfg.log_every) and logging_cfg.log_every >= 1, "logging.log_every",
            f"must be an integer >= 1, got {logging_cfg.log_every!r}")

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from mhc_train.data import DataError, PackedLoader, ValidationLoader, check_vocab, ensure_bundled_dataset, read_meta
 from mhc_train.data.bundled import default_cache_dir
 from mhc_train.model import MHCTransformer
+from mhc_train.parallel.data_parallel import full_value, wrap_model
 from mhc_train.train import plot
 from mhc_train.train.checkpoint import (
     CheckpointManager,
@@ -202,8 +203,18 @@ class Trainer:
         for group, lr in zip(groups, lrs):
             group["lr"] = lr
         self.scheduler._last_lr = lrs
+        data_state = dict(state["data"])
+        here = (self.cfg.train.batch_size, self.world_size)
+        saved = (data_state.get("batch_size", 0), data_state.get("world_size", 0))
+        if saved != here and saved[0] * saved[1] == here[0] * here[1]:
+            # Another data-parallel size with the same global batch: rank r takes the entries
+            # r, r + W, ... of one shuffled order, so batch i of all ranks together is the same
+            # set of sequences for every W and the position (epoch, index) means the same.
+            data_state.update(batch_size=here[0], world_size=here[1])
+            log.info("resuming data position with %d rank(s) x batch %d (saved with %d x %d)",
+                     here[1], here[0], saved[1], saved[0])
         try:
-            self.train_loader.load_state_dict(state["data"])
+            self.train_loader.load_state_dict(data_state)
         except DataError as e:
             raise CheckpointError(f"{path}: {e}") from None
         set_rng_state(state["rng"])
@@ -268,7 +279,13 @@ class Trainer:
                     torch.backends.cudnn.benchmark = False
                 torch.use_deterministic_algorithms(True, warn_only=True)
 
+            # Several ranks: rank 0 prepares the bundled dataset on first use, the others wait for it.
+            first_use_guard = self.world_size > 1 and dist.is_initialized()
+            if first_use_guard and not self.is_main:
+                dist.barrier()
             path = data_path(cfg)
+            if first_use_guard and self.is_main:
+                dist.barrier()
             check_data(cfg, path)
             ckpts = CheckpointManager(self.run_dir / "checkpoints", t.keep_checkpoints, self.rank)
             source = self._resume_source(ckpts)
@@ -284,6 +301,7 @@ class Trainer:
             np.random.seed(t.seed % 2**32)
             random.seed(t.seed)
             self.model = MHCTransformer(cfg.model, cfg.residual).to(self.device)
+            self.wrapped = self._wrap(self.model)  # before the optimizer: FSDP replaces the parameters
             self.optimizer = build_optimizer(self.model, lr=cfg.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                              weight_decay=cfg.optim.weight_decay,
                                              decay_embeddings=cfg.optim.decay_embeddings)
@@ -349,6 +367,27 @@ class Trainer:
             torch.set_num_threads(saved_threads)
             torch.use_deterministic_algorithms(saved_det[0], warn_only=saved_det[1])
 
+    def _wrap(self, model: torch.nn.Module):
+        """Data parallel (ddp / fsdp) over the process group; ``single`` (or no group) is the model."""
+        p = self.cfg.parallel
+        kwargs = {}
+        if p.mode == "ddp":
+            kwargs["find_unused_parameters"] = p.find_unused_parameters
+        elif p.mode == "fsdp":
+            kwargs["reshard_after_forward"] = p.reshard_after_forward
+            kwargs["mixed_precision"] = self.bf16
+        return wrap_model(model, p.mode, self.device, **kwargs)
+
+    def _agree_on_stop_signal(self) -> None:
+        """Several ranks: a signal seen by any rank stops all of them after the same step (the
+        checkpoint is collective; ranks deciding at different steps would hang in it)."""
+        if self.world_size <= 1 or not dist.is_initialized():
+            return
+        flag = torch.tensor([float(self._stop_signal or 0)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = int(flag.item())
+
     def _tokens_per_step(self) -> int:
         t = self.cfg.train
         return t.batch_size * t.seq_len * t.grad_accum * self.world_size
@@ -358,6 +397,7 @@ class Trainer:
         t = self.cfg.train
         while self.step < t.steps:
             record = self._train_step()
+            self._agree_on_stop_signal()
             s = self.step
             if s % self.cfg.logging.log_every == 0 or s == t.steps or record["skipped"]:
                 self.metrics.log(record)
@@ -393,27 +433,38 @@ class Trainer:
     def _train_step(self) -> dict[str, Any]:
         t = self.cfg.train
         model, accum = self.model, t.grad_accum
+        forward = self.wrapped.forward_module  # the DDP wrapper, the FSDP root or the model
+        distributed = self.world_size > 1 and dist.is_initialized()
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
         ce_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         inject = (self.step + 1) in t.inject_nonfinite_at
-        for _ in range(accum):
+        for i in range(accum):
             inputs, targets = next(self.train_loader)
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            with self.autocast():
-                out = model(inputs, targets)
-            loss = out.loss
-            if inject:
-                loss = loss * float("nan")
-            (loss / accum).backward()
+            # DDP: all-reduce the gradients once per step, in the last micro-batch's backward
+            sync = forward.no_sync() if self.wrapped.mode == "ddp" and i < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    out = forward(inputs, targets)
+                loss = out.loss
+                if inject:
+                    loss = loss * float("nan")
+                (loss / accum).backward()
             loss_sum += loss.detach().float()
             ce_sum += out.ce_loss.detach().float()
             if out.aux_loss is not None:
                 aux_sum += out.aux_loss.detach().float()
         routers = [m.router for m in model.moe_layers()]
+        if distributed:  # losses: mean over ranks; router loads: summed, before the metric and the bias update
+            stats = torch.stack([loss_sum, ce_sum, aux_sum])
+            dist.all_reduce(stats)
+            loss_sum, ce_sum, aux_sum = stats / self.world_size
+            for r in routers:
+                dist.all_reduce(r.expert_load)
         imbalance = [float(r.expert_load.max() / r.expert_load.mean()) for r in routers
                      if float(r.expert_load.sum()) > 0]
         params = [p for p in model.parameters() if p.grad is not None]
@@ -422,7 +473,7 @@ class Trainer:
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         loss_v = float(loss_sum) / accum
-        grad_v = float(grad_norm)
+        grad_v = full_value(grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         skip_reason = None
         if not math.isfinite(loss_v):
@@ -431,7 +482,7 @@ class Trainer:
             skip_reason = "non-finite grad norm"
         if skip_reason is None:
             self.optimizer.step()
-            model.update_router_biases()
+            model.update_router_biases()  # loads already summed over the ranks above
             self.consecutive_skips = 0
         else:
             for r in routers:  # the loads of a skipped step must not move the biases
@@ -472,7 +523,7 @@ class Trainer:
         count = 0
         for inputs, targets in self.val_loader:
             with self.autocast():
-                out = model(inputs.to(self.device), targets.to(self.device))
+                out = self.wrapped.forward_module(inputs.to(self.device), targets.to(self.device))
             total += out.ce_loss.float()
             count += 1
         if dist.is_available() and dist.is_initialized():

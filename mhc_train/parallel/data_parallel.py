@@ -1,0 +1,154 @@
+"""Data parallelism applied from outside the model: DDP, FSDP2 (``fully_shard``), DeepSpeed ZeRO.
+
+    wrap = wrap_model(model, mode)      mode: single | ddp | fsdp | deepspeed
+    wrap.forward_module(tokens, targets)   the module to call for the loss (DDP wrapper, FSDP root,
+                                           DeepSpeed engine, or the model itself)
+    wrap.model                             the model, unwrapped (moe_layers, update_router_biases,
+                                           residual_gains, state dicts)
+
+- **DDP**: ``forward_sync_buffers=False`` (buffers are synced once, at wrap time). The routers' ``expert_load`` buffers accumulate each
+  rank's own counts during forward; broadcasting rank 0's buffers at every forward would
+  overwrite them. The balancing ``expert_bias`` stays identical on every rank because every rank
+  applies the same update from the all-reduced loads.
+- **FSDP2**: ``fully_shard`` on every block, then on the root (embedding, contraction, norm and
+  head stay in the root's group). Parameters become DTensors sharded on dim 0; the optimizer is
+  built afterwards, on the sharded parameters. Buffers are not sharded.
+- **DeepSpeed** (ZeRO stage 1 or 2, not with the pipeline): built from a torch optimizer (no
+  JIT-compiled DeepSpeed ops); ``gradient_clipping`` is set from the run's ``train.grad_clip``
+  (0 when off: DeepSpeed would otherwise clip at 1.0 by default). On a CPU set
+  ``DS_ACCELERATOR=cpu`` before DeepSpeed is imported (``deepspeed_env``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+DP_MODES = ("single", "ddp", "fsdp", "deepspeed")
+
+
+@dataclass
+class Wrapped:
+    model: nn.Module  # the model, unwrapped
+    forward_module: nn.Module  # what the training step calls
+    mode: str = "single"
+    engine: Any = None  # the DeepSpeed engine (mode deepspeed)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def shards_parameters(self) -> bool:
+        return self.mode == "fsdp"
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False,
+             bucket_cap_mb: float = 25.0) -> Wrapped:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    ddp = DDP(model, device_ids=device_ids, forward_sync_buffers=False,
+              find_unused_parameters=find_unused_parameters, bucket_cap_mb=bucket_cap_mb)
+    return Wrapped(model, ddp, "ddp")
+
+
+def wrap_fsdp(model: nn.Module, device: torch.device, reshard_after_forward: bool = True,
+              mixed_precision: bool = False) -> Wrapped:
+    """FSDP2: one ``fully_shard`` group per transformer block, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mixed_precision:  # bf16 compute, fp32 gradient reduction and master weights
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return Wrapped(model, model, "fsdp")
+
+
+def deepspeed_env(device: torch.device) -> None:
+    """DeepSpeed picks its accelerator at import; on a CPU it must be told before."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _skip_cpu_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at start-up (~90 s the
+    first time, cached in ~/.cache/torch_extensions afterwards). Training communicates through
+    torch.distributed (gloo) and does not use it (it serves DeepSpeed's inference all-reduce), so
+    on a CPU it is not built."""
+    import importlib
+
+    try:  # by module path: ``deepspeed.comm.torch`` as an attribute is the torch package itself
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:  # another DeepSpeed layout: let it build
+        return
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = lambda: None
+
+
+def deepspeed_config(*, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float | None,
+                     zero_stage: int, bf16: bool) -> dict[str, Any]:
+    if zero_stage not in (1, 2):
+        raise ValueError(f"parallel.zero_stage: DeepSpeed ZeRO stage 1 or 2, got {zero_stage}")
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        # DeepSpeed clips at 1.0 when this is absent; ours comes from train.grad_clip (0 = off).
+        "gradient_clipping": float(grad_clip or 0.0),
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": True},
+        "bf16": {"enabled": bool(bf16)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def wrap_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, *,
+                   micro_batch: int, grad_accum: int, grad_clip: float | None, zero_stage: int = 1,
+                   bf16: bool = False) -> Wrapped:
+    """A DeepSpeed engine around ``model`` and the run's own torch optimizer (no JIT-built ops)."""
+    deepspeed_env(device)
+    import deepspeed
+
+    if device.type == "cpu":
+        _skip_cpu_shm_op()
+
+    config = deepspeed_config(micro_batch=micro_batch, grad_accum=grad_accum, world_size=dist.get_world_size(),
+                              grad_clip=grad_clip, zero_stage=zero_stage, bf16=bf16)
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                                      dist_init_required=False)
+    return Wrapped(model, engine, "deepspeed", engine=engine, extra={"optimizer": ds_optimizer, "config": config})
+
+
+def wrap_model(model: nn.Module, mode: str, device: torch.device, **kwargs: Any) -> Wrapped:
+    """Apply the data-parallel ``mode`` (see the module docstring); ``single`` returns the model."""
+    if mode == "single" or (mode in ("ddp", "fsdp") and not (dist.is_available() and dist.is_initialized())):
+        return Wrapped(model, model, "single")
+    if mode == "ddp":
+        return wrap_ddp(model, device, **kwargs)
+    if mode == "fsdp":
+        return wrap_fsdp(model, device, **kwargs)
+    raise ValueError(f"parallel.mode: {mode!r} is wrapped with wrap_deepspeed (needs the optimizer) "
+                     f"or is not a data-parallel mode ({', '.join(DP_MODES)})")
+
+
+def full_value(x: torch.Tensor | float) -> float:
+    """A float from a plain tensor or a (replicated / partial) DTensor, e.g. FSDP's grad norm."""
+    if isinstance(x, torch.Tensor):
+        try:
+            from torch.distributed.tensor import DTensor
+
+            if isinstance(x, DTensor):
+                x = x.full_tensor()
+        except ImportError:  # pragma: no cover
+            pass
+        return float(x)
+    return float(x)
