@@ -1,0 +1,3 @@
+from mhc_train.analysis.cli import main
+
+main()
