@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from mhc_train.data import atomic
@@ -191,7 +192,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(tensors, checkpoint_id=str(path))
+            dcp.load({"model": tensors["model"]}, checkpoint_id=str(path))
+            # Parameters that never received a gradient (e.g. HC's dynamic post weights under
+            # residual.fix_post) have no optimizer state in the checkpoint; they keep the empty
+            # state get_state_dict created, which is what the optimizer would create lazily.
+            dcp.load({"optim": tensors["optim"]}, checkpoint_id=str(path),
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
     except Exception as e:
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{path}: cannot load tensors ({first[-1] if first else type(e).__name__})") from None
