@@ -98,6 +98,11 @@ def _check_mapping_inputs(x, phi, alpha, bias) -> tuple[int, int]:
     return n, c
 
 
+def _gate(alpha: torch.Tensor, n: int) -> torch.Tensor:
+    """alpha (pre, post, res) spread over the pre (n) | post (n) | res (n*n) columns."""
+    return torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+
+
 def mhc_mappings(
     x: torch.Tensor,
     phi: torch.Tensor,
@@ -123,7 +128,7 @@ def mhc_mappings(
         return kernel(x, phi, alpha, bias, int(t_max), eps)
 
     lead = x.shape[:-2]
-    gate = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+    gate = _gate(alpha, n)
     # Eq 14-16: x phi, 1/r (RMS over nC, after the matmul), alpha gates, bias.
     logits = MappingLogits.apply(x.reshape(-1, n * c), phi, gate, bias, float(eps)).reshape(*lead, width)
     h_pre = torch.sigmoid(logits[..., :n])  # Eq 17
@@ -154,7 +159,7 @@ def mhc_pre_mappings(
     n, c = _check_mapping_inputs(x, phi, alpha, bias)
     _check(int(t_max) >= 1, f"t_max must be >= 1, got {t_max}")
     lead = x.shape[:-2]
-    gate = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+    gate = _gate(alpha, n)
     u, h_pre, h_post, h_res = PreMappings.apply(x.reshape(-1, n, c), phi, gate, bias, int(t_max), float(eps))
     return u.reshape(*lead, c), h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
 
