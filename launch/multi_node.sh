@@ -34,7 +34,10 @@ if [ -z "${NPROC:-}" ]; then
   [ "${NPROC:-0}" -ge 1 ] || NPROC=1
 fi
 PARALLEL="${PARALLEL:-ddp}"
+# Restarted workers (--max-restarts) must not reuse the previous attempt's rendezvous store:
+# with it, gloo connects to dead peers' addresses (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 echo "multi_node: node $NODE_RANK of $NNODES, $NPROC processes, rendezvous $MASTER_ADDR:$MASTER_PORT ($RDZV_ID)" >&2
-exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC" \
+exec "$PY" -m torch.distributed.run --max-restarts="${MAX_RESTARTS:-0}" --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RDZV_ID" \
   -m mhc_train.train parallel="$PARALLEL" "$@"

@@ -20,10 +20,13 @@ if [ -z "${NPROC:-}" ]; then
   [ "${NPROC:-0}" -ge 1 ] || NPROC=1
 fi
 PARALLEL="${PARALLEL:-ddp}"
+# Restarted workers (--max-restarts) must not reuse the previous attempt's rendezvous store:
+# with it, gloo connects to dead peers' addresses (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${THREADS:-1}}"
 extra=()
 if ! nvidia-smi -L >/dev/null 2>&1; then
   extra+=(train.threads="${THREADS:-1}")
 fi
-exec "$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC" \
+exec "$PY" -m torch.distributed.run --max-restarts="${MAX_RESTARTS:-0}" --standalone --nnodes=1 --nproc_per_node="$NPROC" \
   -m mhc_train.train parallel="$PARALLEL" "${extra[@]}" "$@"
