@@ -93,10 +93,14 @@ def test_a_killed_rank_fails_the_job_quickly(env, tmp_path):
     assert elapsed < BOUND_S, (elapsed, log[-4000:])
     assert f"kill_one_rank: rank 1 SIGKILLs itself after step {KILL_STEP}" in log
     assert "ChildFailedError" in log and "Signal 9 (SIGKILL) received by PID" in log, log[-4000:]
-    assert "by peer" in log, log[-4000:]  # rank 0: gloo "Connection reset / closed by peer"
+    # Rank 0 stops either through its own gloo error ("Connection reset / closed by peer") or,
+    # when torchrun notices the dead rank first, through torchrun's SIGTERM: which comes first
+    # is a race, both end the job.
+    assert "by peer" in log or "closing signal SIGTERM" in log, log[-4000:]
     d = run_dir(out, "killed")
     assert [r["step"] for r in records(d, "train")] == [1, 2]
-    assert records(d, "end")[-1]["status"] == "failed"
+    ends = records(d, "end")
+    assert not ends or ends[-1]["status"] in ("failed", "interrupted"), ends
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_0000002"]
     assert (d / "checkpoints" / "step_0000002" / "meta.json").is_file()
 
