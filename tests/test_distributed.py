@@ -155,11 +155,18 @@ def test_deepspeed_zero1_and_zero2_match_single_process(env):
     """tests/dist_scripts/deepspeed_check.py: 3 steps x grad_accum 2, clip 0.5, 2 ranks; losses
     within 2e-5 and parameters within 2e-5 of one process, router biases equal (measured: 7e-7
     and 3e-6 / 6e-6)."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "tests" / "dist_scripts" / "deepspeed_check.py"), "--stages", "1", "2"],
-                          cwd=ROOT, env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=240)
-    out = proc.stdout + proc.stderr
-    summary = [line for line in out.splitlines() if line.startswith(("PASS", "FAIL", "ALL", "SOME"))]
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(ROOT / "tests" / "dist_scripts" / "deepspeed_check.py"), "--stages", "1", "2"],
+                              cwd=ROOT, env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
+                              timeout=240)
+        out = proc.stdout + proc.stderr
+        summary = [line for line in out.splitlines() if line.startswith(("PASS", "FAIL", "ALL", "SOME"))]
+        # One relaunch, only when a worker died before reporting any result: DeepSpeed's CPU
+        # start-up aborted a worker once in about ten runs (docs/distributed.md). A numeric
+        # mismatch (a FAIL line) is never retried.
+        if proc.returncode == 0 or summary:
+            break
     assert proc.returncode == 0 and "ALL PASS" in summary, "\n".join(summary) + "\n" + out[-6000:]
     assert sum(line.startswith("PASS zero") for line in summary) == 2
 
