@@ -5,3 +5,31 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(tmp_path_factory) -> dict:
+    """Environment for training subprocesses (torchrun workers): one bundled-dataset cache built
+    here, before several processes would race to build it; one thread per process."""
+    from mhc_train.data import ensure_bundled_dataset
+
+    cache = tmp_path_factory.mktemp("mhc-cache")
+    env = dict(os.environ, MHC_TRAIN_CACHE=str(cache), OMP_NUM_THREADS="1", PY=sys.executable,
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    old = os.environ.get("MHC_TRAIN_CACHE")
+    os.environ["MHC_TRAIN_CACHE"] = str(cache)
+    try:
+        ensure_bundled_dataset(vocab_size=512)
+    finally:
+        if old is None:
+            os.environ.pop("MHC_TRAIN_CACHE")
+        else:
+            os.environ["MHC_TRAIN_CACHE"] = old
+    return env

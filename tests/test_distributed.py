@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 
-from mhc_train.data import ensure_bundled_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["model=tiny", "train.seq_len=32", "train.grad_accum=2", "optim.warmup_steps=2", "optim.schedule=constant",
@@ -38,18 +37,8 @@ GRAD_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    cache = tmp_path_factory.mktemp("mhc-cache")
-    e = dict(os.environ, MHC_TRAIN_CACHE=str(cache), OMP_NUM_THREADS="1", PY=sys.executable,
-             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    old = os.environ.get("MHC_TRAIN_CACHE")
-    os.environ["MHC_TRAIN_CACHE"] = str(cache)
-    ensure_bundled_dataset(vocab_size=512)  # once, before several processes want it
-    if old is None:
-        os.environ.pop("MHC_TRAIN_CACHE")
-    else:
-        os.environ["MHC_TRAIN_CACHE"] = old
-    return e
+def env(subprocess_env) -> dict:
+    return subprocess_env
 
 
 def launch(cmd: list[str], env: dict, cwd: Path) -> str:

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import pytest
 
-from mhc_train.data import ensure_bundled_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "kill_one_rank.py"
@@ -49,19 +48,10 @@ BOUND_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    cache = tmp_path_factory.mktemp("mhc-cache")
-    e = dict(os.environ, MHC_TRAIN_CACHE=str(cache), OMP_NUM_THREADS="1",
-             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def env(subprocess_env) -> dict:
+    e = dict(subprocess_env)
     for k in ("MHC_KILL_RANK", "MHC_KILL_STEP", "MHC_KILL_ATTEMPT", "MHC_PG_TIMEOUT_S", "MHC_HANG"):
         e.pop(k, None)
-    old = os.environ.get("MHC_TRAIN_CACHE")
-    os.environ["MHC_TRAIN_CACHE"] = str(cache)
-    ensure_bundled_dataset(vocab_size=512)  # once, before several processes want it
-    if old is None:
-        os.environ.pop("MHC_TRAIN_CACHE")
-    else:
-        os.environ["MHC_TRAIN_CACHE"] = old
     return e
 
 

@@ -90,24 +90,30 @@ def test_parse_and_bad_config():
             ResidualConfig(variant="mhc", recompute=bad)
 
 
-def test_autograd_grad_with_inputs_works():
-    # Pipeline schedules differentiate stage outputs with torch.autograd.grad(inputs=...): the
-    # recompute hooks must work there too (reentrant checkpointing does not).
+def stage_like_forward(regions=None):
+    """The blocks of a tiny mHC model (L_r = 2) on detached streams, as a pipeline stage runs
+    them: (model, stage input, output, regions used)."""
     torch.manual_seed(0)
     model = MHCTransformer(load_model_config("tiny"), ResidualConfig(variant="mhc", recompute="2"))
     tokens = torch.randint(0, 512, (1, 9))
     streams = model.embed_streams(tokens).detach().requires_grad_(True)
     rope = model.rope(9, streams.device)
-    regions = model.recompute_plan()
+    regions = model.recompute_plan() if regions is None else regions
     out = streams
     for block in model.blocks:
         out = block(out, rope, regions)
+    return model, streams, out, regions
+
+
+def test_autograd_grad_with_inputs_works():
+    # Pipeline schedules differentiate stage outputs with torch.autograd.grad(inputs=...): the
+    # recompute hooks must work there too (reentrant checkpointing does not).
+    from mhc_train.model.transformer import PLAIN_REGIONS
+
+    _, streams, out, _ = stage_like_forward()
     (g_in,) = torch.autograd.grad(out.pow(2).sum(), [streams])
-    model.recompute_boundaries = (0,)
-    ref_out = streams
-    for block in model.blocks:
-        ref_out = block(ref_out, rope)
-    (g_ref,) = torch.autograd.grad(ref_out.pow(2).sum(), [streams])
+    _, ref_streams, ref_out, _ = stage_like_forward(PLAIN_REGIONS)
+    (g_ref,) = torch.autograd.grad(ref_out.pow(2).sum(), [ref_streams])
     assert torch.equal(g_in, g_ref)
 
 
@@ -119,15 +125,7 @@ def test_one_recompute_per_block_even_with_split_backward(monkeypatch):
     calls = []
     original = rc._Block.recompute
     monkeypatch.setattr(rc._Block, "recompute", lambda self: (calls.append(self), original(self))[1])
-    torch.manual_seed(0)
-    model = MHCTransformer(load_model_config("tiny"), ResidualConfig(variant="mhc", recompute="2"))
-    tokens = torch.randint(0, 512, (1, 9))
-    streams = model.embed_streams(tokens).detach().requires_grad_(True)
-    rope = model.rope(9, streams.device)
-    plan = model.recompute_plan()
-    out = streams
-    for block in model.blocks:
-        out = block(out, rope, plan)
+    model, streams, out, plan = stage_like_forward()
     loss = out.pow(2).sum()
     torch.autograd.grad(loss, [streams], retain_graph=True)
     torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
