@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,19 +163,39 @@ def test_deepspeed_zero1_and_zero2_match_single_process(env):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["parallel=deepspeed"], "parallel.mode: deepspeed: the ZeRO-1/2 engine exists"),
-    (["parallel=ddp", "parallel.mode=pipe"], "parallel.mode: must be one of single, ddp, fsdp, deepspeed"),
+    (["parallel=ddp", "parallel.mode=pipe"], "parallel.mode: must be one of single, ddp, fsdp, deepspeed, pipeline"),
     (["parallel=fsdp", "parallel.backend=mpi"], "parallel.backend: must be auto, nccl or gloo"),
+    (["parallel=ddp", "parallel.timeout_s=0"], "parallel.timeout_s: must be > 0 seconds"),
+    (["parallel=pipeline", "train.grad_accum=2"], "train.grad_accum: with parallel=pipeline the micro-batches accumulate"),
+    (["parallel=pipeline", "parallel.pipeline.schedule=pipedream"], "parallel.pipeline.schedule: unknown schedule"),
+    (["parallel=pipeline", "parallel.pipeline.schedule=dualpipev"],  # tiny: 3 blocks, 2 ranks x 2 stages
+     "parallel.pipeline.stages_per_rank: 4 stages (2 ranks x 2) need at least one block each"),
+    (["parallel=pipeline", "parallel.pipeline.microbatches=3"], "parallel.pipeline.microbatches: the batch of 8"),
 ])
-def test_parallel_config_errors(overrides, message):
+def test_parallel_config_errors(overrides, message, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from mhc_train.train.config import CONFIG_DIR, ConfigError, register_configs, validate
 
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["model=tiny", "train.seq_len=32", *overrides])
-    with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("mode", ["deepspeed", "pipeline"])
+def test_engines_that_need_torchrun_say_so(mode, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from mhc_train.train.config import CONFIG_DIR, ConfigError, register_configs, validate
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny", "train.seq_len=32", f"parallel={mode}"])
+    with pytest.raises(ConfigError, match=f"^parallel.mode: {mode} runs under torchrun"):
         validate(cfg)
 
 
@@ -189,3 +211,55 @@ def test_a_signal_on_one_rank_stops_all_ranks_at_the_same_step(env, tmp_path):
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_0000002"]
     assert (d / "checkpoints" / "step_0000002" / "meta.json").is_file()
     assert records(d, "end")[-1]["status"] == "interrupted"
+
+
+# Pipeline parallelism in the trainer: every rank reads the whole batch, the micro-batches of
+# parallel.pipeline accumulate the gradient (grad_accum 1). 4 blocks so that DualPipeV's
+# 2 ranks x 2 stages each hold one; validation and gains every 2 steps.
+PIPE_COMMON = [*(o for o in COMMON if not o.startswith(("train.grad_accum", "train.eval_every", "train.gains_every"))),
+               "model.n_layers=4", "train.batch_size=4", "train.eval_every=2", "train.gains_every=2",
+               "parallel.pipeline.microbatches=4"]
+
+
+def test_pipeline_schedules_train_like_one_process_and_move_checkpoints_between_layouts(env, tmp_path):
+    """reference: 1 process, steps 1-5. 1f1b (2 stages) steps 1-2 -> dualpipev (4 stages, V, with
+    the overlap handler) resumed from that checkpoint, steps 3-4 -> one process, step 5. Losses,
+    grad norms, validation losses and the H_res maps behind the gains agree with the reference
+    (fp32 reassociation: measured ~1e-6); router loads exactly."""
+    out = tmp_path / "runs"
+    o = f"output_root={out}"
+
+    def run(*overrides: str, nproc: int = 0) -> str:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
+            else [sys.executable]
+        return launch([*cmd, "-m", "mhc_train.train", *PIPE_COMMON, o, *overrides], env, tmp_path)
+
+    run("run_name=reference")
+    ref_dir = run_dir(out, "reference")
+    reference = {r["step"]: r for r in records(ref_dir)}
+    ref_val = {r["step"]: r["val_loss"] for r in records(ref_dir, "val")}
+    ref_h = {r["step"]: r["h_res"] for r in records(ref_dir, "gains")}
+
+    run("run_name=onef1b", "parallel=pipeline", "train.stop_at=2", nproc=2)
+    first = run_dir(out, "onef1b")
+    run("run_name=dualpipev", "parallel=pipeline", "parallel.pipeline.schedule=dualpipev", "train.stop_at=4",
+        f"resume={first / 'checkpoints' / 'step_0000002'}", nproc=2)
+    second = run_dir(out, "dualpipev")
+    run("run_name=single", f"resume={second / 'checkpoints' / 'step_0000004'}")
+    third = run_dir(out, "single")
+
+    diffs = []
+    for d, steps in ((first, [1, 2]), (second, [3, 4]), (third, [5])):
+        got = records(d)
+        assert [r["step"] for r in got] == steps, d.name
+        diffs += assert_close_to(reference, got, d.name)
+        for r in records(d, "val"):
+            assert abs(r["val_loss"] - ref_val[r["step"]]) <= LOSS_ATOL, (d.name, r)
+        for r in records(d, "gains"):
+            h, ref = torch.tensor(r["h_res"]), torch.tensor(ref_h[r["step"]])
+            assert torch.allclose(h, ref, atol=1e-5), (d.name, r["step"], (h - ref).abs().max())
+    assert [r["step"] for r in records(second, "gains")] == [4]  # gains need every stage's weights
+    assert len(list((second / "checkpoints" / "step_0000004").glob("*.distcp"))) == 2  # each rank its stages
+    log = (second / "mhc-train.log").read_text()
+    assert log.count("training dualpipev") == 1, log
+    print(f"max |loss - reference| over 1f1b / dualpipev / single steps: {max(diffs):.3g}")

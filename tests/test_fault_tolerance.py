@@ -9,7 +9,7 @@ SIGKILLs itself (or hangs) right after step 3, i.e. after the step-2 checkpoint
   naming rank 1's SIGKILL; the step-2 checkpoint stays intact. Measured ~6-9 s per launch, mostly
   start-up; the collective timeout plays no part.
 - hung rank (alive, socket open, silent): only the process-group timeout ends rank 0's wait
-  (default 1800 s; here 8 s through MHC_PG_TIMEOUT_S), then torchrun stops the hung rank.
+  (parallel.timeout_s, default 1800 s; here 8 s), then torchrun stops the hung rank.
 - torchrun --max-restarts=1 with the death in the first attempt only: the restarted workers
   resume (resume=auto) from the step-2 checkpoint and finish; metrics.jsonl reads as one
   uninterrupted history (the JSONL sink drops what was logged after the checkpoint) and the losses
@@ -50,7 +50,7 @@ BOUND_S = 60.0
 @pytest.fixture(scope="module")
 def env(subprocess_env) -> dict:
     e = dict(subprocess_env)
-    for k in ("MHC_KILL_RANK", "MHC_KILL_STEP", "MHC_KILL_ATTEMPT", "MHC_PG_TIMEOUT_S", "MHC_HANG"):
+    for k in ("MHC_KILL_RANK", "MHC_KILL_STEP", "MHC_KILL_ATTEMPT", "MHC_HANG"):
         e.pop(k, None)
     return e
 
@@ -76,8 +76,8 @@ def records(d: Path, kind: str | None = None) -> list[dict]:
 
 def test_a_killed_rank_fails_the_job_quickly(env, tmp_path):
     out = tmp_path / "runs"
-    rc, log, elapsed = torchrun({**env, "MHC_KILL_STEP": str(KILL_STEP), "MHC_PG_TIMEOUT_S": "20"}, tmp_path,
-                                [str(SCRIPT)], f"output_root={out}", "run_name=killed")
+    rc, log, elapsed = torchrun({**env, "MHC_KILL_STEP": str(KILL_STEP)}, tmp_path,
+                                [str(SCRIPT)], f"output_root={out}", "run_name=killed", "parallel.timeout_s=20")
     print(f"killed rank: rc={rc}, {elapsed:.1f} s")
     assert rc != 0, log[-4000:]
     assert elapsed < BOUND_S, (elapsed, log[-4000:])
@@ -98,9 +98,8 @@ def test_a_killed_rank_fails_the_job_quickly(env, tmp_path):
 def test_a_hung_rank_fails_the_job_after_the_collective_timeout(env, tmp_path):
     out = tmp_path / "runs"
     timeout_s = 8
-    rc, log, elapsed = torchrun({**env, "MHC_KILL_STEP": str(KILL_STEP), "MHC_HANG": "1",
-                                 "MHC_PG_TIMEOUT_S": str(timeout_s)}, tmp_path,
-                                [str(SCRIPT)], f"output_root={out}", "run_name=hung")
+    rc, log, elapsed = torchrun({**env, "MHC_KILL_STEP": str(KILL_STEP), "MHC_HANG": "1"}, tmp_path,
+                                [str(SCRIPT)], f"output_root={out}", "run_name=hung", f"parallel.timeout_s={timeout_s}")
     print(f"hung rank: rc={rc}, {elapsed:.1f} s")
     assert rc != 0, log[-4000:]
     assert timeout_s <= elapsed < BOUND_S, (elapsed, log[-4000:])
@@ -119,8 +118,9 @@ def test_max_restarts_resumes_from_the_last_checkpoint_like_an_uninterrupted_run
     reference = records(run_dir(out, "reference"), "train")
     assert [r["step"] for r in reference] == list(range(1, STEPS + 1))
 
-    rc, log, elapsed = torchrun({**env, "MHC_KILL_STEP": str(KILL_STEP), "MHC_PG_TIMEOUT_S": "20"}, tmp_path,
-                                [str(SCRIPT)], f"output_root={out}", "run_name=restarted", restarts=1)
+    rc, log, elapsed = torchrun({**env, "MHC_KILL_STEP": str(KILL_STEP)}, tmp_path,
+                                [str(SCRIPT)], f"output_root={out}", "run_name=restarted", "parallel.timeout_s=20",
+                                restarts=1)
     print(f"killed, restarted, finished: rc={rc}, {elapsed:.1f} s")
     assert rc == 0, log[-6000:]
     assert elapsed < BOUND_S, elapsed

@@ -145,7 +145,7 @@ def test_checkpoint_loads_when_some_parameters_have_no_optimizer_state(tmp_path)
     # HC under residual.fix_post: the dynamic post weights never get a gradient, so AdamW never
     # creates their state and the checkpoint has none; loading must still work, and the model
     # itself must still be loaded strictly.
-    from mhc_train.train.checkpoint import CheckpointManager, load_checkpoint
+    from mhc_train.train.checkpoint import CheckpointManager, ModelState, load_checkpoint
 
     torch.manual_seed(0)
     cfg = load_model_config("tiny")
@@ -155,9 +155,9 @@ def test_checkpoint_loads_when_some_parameters_have_no_optimizer_state(tmp_path)
     model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
     opt.step()
     assert any(p not in opt.state for p in model.parameters())
-    path = CheckpointManager(tmp_path / "checkpoints", keep=2).save(1, model, opt, {"step": 1}, {})
+    path = CheckpointManager(tmp_path / "checkpoints", keep=2).save(1, ModelState(model, opt), {"step": 1}, {})
     fresh = MHCTransformer(cfg, ResidualConfig(variant="hc", fix_post=True))
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
-    assert load_checkpoint(path, fresh, fresh_opt)["step"] == 1
+    assert load_checkpoint(path, ModelState(fresh, fresh_opt))["step"] == 1
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name

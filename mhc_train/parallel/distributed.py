@@ -84,9 +84,10 @@ def destroy_distributed() -> None:
 
 
 @contextlib.contextmanager
-def distributed(backend: str | None = None, device_type: str | None = None) -> Iterator[bool]:
+def distributed(backend: str | None = None, device_type: str | None = None,
+                timeout_s: float = 1800.0) -> Iterator[bool]:
     """``init_distributed`` ... ``destroy_distributed`` (only when this context created the group)."""
-    created = init_distributed(backend, device_type)
+    created = init_distributed(backend, device_type, timeout_s)
     try:
         yield created
     finally:

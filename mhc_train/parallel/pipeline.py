@@ -394,6 +394,7 @@ class Pipeline:
     n_microbatches: int
     group: dist.ProcessGroup | None = None
     overlap_handler: object | None = None
+    eval_schedule: object | None = None  # forward only (validation); None: schedule.eval
     balance_loss: bool = False  # seq_aux_loss_coef > 0: the balance loss is injected inside the stages
     last_ce_loss: torch.Tensor | None = None
     last_aux_loss: torch.Tensor | None = None
@@ -459,6 +460,45 @@ class Pipeline:
         if ce is None:
             return None
         return ce if aux is None else ce + aux
+
+
+    @torch.no_grad()
+    def evaluate(self, tokens: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward only (validation): the mean cross-entropy of the batch over the micro-batches,
+        returned on every rank. Pass the batch on every rank, as for ``step``."""
+        holds_last = self.holds_last
+        losses: list[torch.Tensor] = []
+        schedule = self.eval_schedule or self.schedule
+        schedule.eval(*((tokens,) if self.holds_first else ()), target=targets if holds_last else None,
+                      losses=losses if holds_last else None)
+        device = self.stages[0].device
+        value = torch.stack([l.float() for l in losses]).mean().to(device) if holds_last else torch.zeros((), device=device)
+        owner = self.stage_ranks[len(self.stage_blocks) - 1]
+        dist.broadcast(value, src=dist.get_global_rank(self.group, owner) if self.group is not None else owner,
+                       group=self.group)
+        return value
+
+
+def forward_only_schedule(stages: list[PipelineStage], stage_ranks: dict[int, int], n_microbatches: int,
+                          loss_fn: Callable) -> object:
+    """A forward-only schedule over multi-stage ranks: torch's V schedules cannot run ``eval``
+    (their weight-gradient actions stay in the plan), so validation gets its own plan on the same
+    runtime: each rank runs F for every micro-batch through its stages in stage order; the
+    runtime inserts the sends and receives."""
+    from torch.distributed.pipelining.schedules import FORWARD, _Action, _add_send_recv, _PipelineScheduleRuntime
+
+    schedule = _PipelineScheduleRuntime(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=True)
+    actions = {rank: [_Action(s, FORWARD, mb) for mb in range(n_microbatches)
+                      for s in sorted(st for st, r in stage_ranks.items() if r == rank)]
+               for rank in sorted(set(stage_ranks.values()))}
+    # Lowered directly: the runtime's own loader insists on a backward for every micro-batch.
+    # The constructor gave the (shared) stages the looped stage -> rank mapping: put the real one back.
+    schedule.stage_index_to_group_rank = dict(stage_ranks)
+    for stage in stages:
+        stage.stage_index_to_group_rank = dict(stage_ranks)
+    schedule.pipeline_order_with_comms = _add_send_recv(actions, stage_to_rank=lambda s: stage_ranks[s],
+                                                        num_stages=len(stage_ranks))
+    return schedule
 
 
 def build_pipeline(
@@ -532,8 +572,9 @@ def build_pipeline(
     if overlap and schedule == "dualpipev":
         handler = OverlapFBHandler(concurrency=overlap_concurrency)
         handler.install(sched)
+    evaluator = forward_only_schedule(stages, mapping, n_microbatches, loss_fn) if len(stages) > 1 else None
     return Pipeline(sched, modules, stages, schedule, counts, mapping, rank, world_size, n_microbatches, group,
-                    handler, balance_loss=model.cfg.seq_aux_loss_coef > 0)
+                    handler, evaluator, balance_loss=model.cfg.seq_aux_loss_coef > 0)
 
 
 def build_pipeline_from_config(model: MHCTransformer, cfg: PipelineConfig, rank: int, world_size: int, *,

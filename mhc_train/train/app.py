@@ -142,7 +142,7 @@ def _task(cfg: DictConfig) -> int:
         p = run_cfg.parallel
         device_type = "cuda" if run_cfg.train.device.startswith("cuda") or (
             run_cfg.train.device == "auto" and _cuda_available()) else "cpu"
-        with distributed(None if p.backend == "auto" else p.backend, device_type):
+        with distributed(None if p.backend == "auto" else p.backend, device_type, timeout_s=p.timeout_s):
             Trainer(run_cfg, run_dir, resolved).fit()
         code = 0
     except Interrupted as e:  # a scheduler's SIGTERM / Ctrl-C: stop the whole sweep too

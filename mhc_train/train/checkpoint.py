@@ -3,8 +3,10 @@
 Layout of ``run_dir/checkpoints/step_0000100/``::
 
     .metadata, __0_0.distcp   DCP: model (router expert_bias buffers included) and optimizer,
-                              keyed by parameter name (get_state_dict), so a sharded (FSDP) run
-                              can later read the same files
+                              keyed by parameter name (get_state_dict with flattened optimizer
+                              state: one key per parameter and entry), so a run under any layout
+                              (one process, DDP, FSDP, DeepSpeed, pipeline stages that each save
+                              their own keys) can later read the same files
     trainer_state.json        step, tokens seen, skip counters, LR scheduler, data loader
                               position, RNG states (torch, CUDA, numpy, python), W&B run id
     meta.json                 written last: the config, its shape signature and fingerprint
@@ -29,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from mhc_train.data import atomic
 from mhc_train.train.config import flatten
@@ -42,7 +44,27 @@ META = "meta.json"
 STATE = "trainer_state.json"
 # Keys whose difference between a checkpoint and the run resuming it is expected.
 IGNORED_DIFFERENCES = ("run_dir", "resume", "train.stop_at", "train.threads", "train.device", "logging.",
-                       "output_root", "data.cache_dir", "data.path", "train.inject_nonfinite_at")
+                       "output_root", "data.cache_dir", "data.path", "train.inject_nonfinite_at", "parallel.timeout_s")
+
+
+# One key per parameter for the optimizer state too ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"):
+# pipeline ranks then save disjoint keys and any layout loads the subset it holds.
+STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class ModelState:
+    """What a checkpoint holds of the tensors: a module and its optimizer, FQN-keyed. Layouts with
+    another optimizer structure (DeepSpeed's ZeRO partitions) provide the same two methods."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def state_dicts(self) -> tuple[dict, dict]:
+        return get_state_dict(self.module, self.optimizer, options=STATE_OPTIONS)
+
+    def load_state_dicts(self, model_sd: dict, optim_sd: dict) -> None:
+        set_state_dict(self.module, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=STATE_OPTIONS)
 
 
 def _dist_ready() -> bool:
@@ -144,8 +166,7 @@ class CheckpointManager:
             if p.name.endswith(".tmp") or ".old-" in p.name:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    def save(self, step: int, state: ModelState, trainer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
         final = self.directory / step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
@@ -154,7 +175,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = state.state_dicts()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
@@ -180,14 +201,14 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(path: Path, state: ModelState) -> dict[str, Any]:
     """Load model and optimizer in place; return the trainer state."""
     path = Path(path)
     try:
-        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        trainer_state = json.loads((path / STATE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable {STATE} ({e})") from None
-    model_sd, optim_sd = get_state_dict(model, optimizer)  # initialises empty optimizer state
+    model_sd, optim_sd = state.state_dicts()  # the template; initialises empty optimizer state
     tensors = {"model": model_sd, "optim": optim_sd}
     try:
         with warnings.catch_warnings():
@@ -201,8 +222,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     except Exception as e:
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{path}: cannot load tensors ({first[-1] if first else type(e).__name__})") from None
-    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
-    return state
+    state.load_state_dicts(tensors["model"], tensors["optim"])
+    return trainer_state
 
 
 # ----------------------------------------------------------------------------- RNG state

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from mhc_train.model.config import ModelConfig
+from mhc_train.parallel.pipeline import PipelineConfig
 from mhc_train.residual.config import ResidualConfig
 from mhc_train.train.errors import ConfigError
 
@@ -66,18 +67,21 @@ class OptimConfig:
     decay_factors: List[float] = field(default_factory=lambda: [0.316, 0.1])  # of the base lr
 
 
-PARALLEL_MODES = ("single", "ddp", "fsdp", "deepspeed")
+PARALLEL_MODES = ("single", "ddp", "fsdp", "deepspeed", "pipeline")
 
 
 @dataclass
 class ParallelConfig:
     # single: one process; ddp | fsdp (FSDP2 fully_shard per block + root) | deepspeed (ZeRO 1/2):
-    # data parallel over torchrun's processes (mhc_train/parallel/data_parallel.py, docs/distributed.md)
+    # data parallel over torchrun's processes (mhc_train/parallel/data_parallel.py, docs/distributed.md);
+    # pipeline: the model's blocks cut into stages over torchrun's processes (docs/pipeline.md)
     mode: str = "single"
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: float = 1800.0  # a collective waiting longer fails the job (a hung or lost rank)
     find_unused_parameters: bool = False  # ddp
     reshard_after_forward: bool = True  # fsdp
     zero_stage: int = 1  # deepspeed: 1 or 2
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # mode pipeline
 
 
 @dataclass
@@ -247,6 +251,21 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_pipeline(p: PipelineConfig, world: int, model: ModelConfig, t: LoopConfig) -> None:
+    from mhc_train.parallel.pipeline import PipelineConfigError, validate_pipeline
+
+    _check(t.grad_accum == 1, "train.grad_accum",
+           f"with parallel=pipeline the micro-batches accumulate: set train.grad_accum=1 and split "
+           f"train.batch_size into parallel.pipeline.microbatches (got grad_accum={t.grad_accum})")
+    try:
+        validate_pipeline(p.schedule, world, model.n_layers, p.microbatches, p.stages_per_rank, p.stage_blocks,
+                          t.batch_size)
+    except PipelineConfigError as e:
+        raise ConfigError(str(e)) from None
+    _check(p.overlap_concurrency in ("auto", "sequential", "threads"), "parallel.pipeline.overlap_concurrency",
+           f"must be auto, sequential or threads, got {p.overlap_concurrency!r}")
+
+
 def resolve_lr(optim: OptimConfig, model: ModelConfig) -> float:
     if optim.lr is not None:
         _check(optim.lr > 0 and math.isfinite(optim.lr), "optim.lr", f"must be > 0, got {optim.lr}")
@@ -334,18 +353,21 @@ def validate(cfg: DictConfig) -> RunConfig:
                f"must be an integer >= 1, got {data.vocab_size!r}")
 
     _check(parallel.mode in PARALLEL_MODES, "parallel.mode",
-           f"must be one of {', '.join(PARALLEL_MODES)} (pipeline parallelism is not wired into the trainer "
-           f"yet; see docs/pipeline.md), got {parallel.mode!r}")
-    _check(parallel.mode != "deepspeed", "parallel.mode",
-           "deepspeed: the ZeRO-1/2 engine exists (mhc_train.parallel.data_parallel.wrap_deepspeed, tested "
-           "against one process) but the trainer does not drive it yet (its checkpoints differ); use ddp or fsdp")
+           f"must be one of {', '.join(PARALLEL_MODES)}, got {parallel.mode!r}")
     _check(parallel.backend in ("auto", "nccl", "gloo"), "parallel.backend",
            f"must be auto, nccl or gloo, got {parallel.backend!r}")
+    _check(parallel.timeout_s > 0, "parallel.timeout_s", f"must be > 0 seconds, got {parallel.timeout_s}")
     _check(parallel.zero_stage in (1, 2), "parallel.zero_stage",
            f"DeepSpeed ZeRO stage 1 or 2 (3 is not supported here), got {parallel.zero_stage!r}")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     _check(world == 1 or parallel.mode != "single", "parallel.mode",
-           f"single runs one process, but WORLD_SIZE={world} (torchrun): choose parallel=ddp, fsdp or deepspeed")
+           f"single runs one process, but WORLD_SIZE={world} (torchrun): choose parallel=ddp, fsdp, deepspeed "
+           "or pipeline")
+    _check(parallel.mode not in ("deepspeed", "pipeline") or "WORLD_SIZE" in os.environ, "parallel.mode",
+           f"{parallel.mode} runs under torchrun (e.g. torchrun --standalone --nproc_per_node=2 -m mhc_train.train "
+           f"parallel={parallel.mode})")
+    if parallel.mode == "pipeline":
+        _check_pipeline(parallel.pipeline, world, model, t)
 
     _check(_int(logging_cfg.log_every) and logging_cfg.log_every >= 1, "logging.log_every",
            f"must be an integer >= 1, got {logging_cfg.log_every!r}")

@@ -1,12 +1,15 @@
 """The training loop. One step, top to bottom (``Trainer._train_step``):
 
-    for each of grad_accum micro-batches:  loss = model(tokens, targets).loss; (loss / accum).backward()
-    router loads (for the imbalance metric) <- read before the bias update clears them
-    grad_norm = clip_grad_norm_(params, train.grad_clip)        (or just the norm when off)
-    finite loss and grad norm?  optimizer.step(); model.update_router_biases()
+    forward + backward of grad_accum micro-batches   (the layout: model, DDP, FSDP, DeepSpeed
+                                                      engine, or the pipeline schedule)
+    router loads (for the imbalance metric) <- summed over ranks, before the bias update clears them
+    grad_norm, clipped to train.grad_clip                   (or just the norm when off)
+    finite loss and grad norm?  optimizer step; model.update_router_biases()
                       else      skip the update (counted); stop after max_consecutive_skips
     zero_grad; lr_scheduler.step(); step += 1
     then, when due: validation loss, Amax gains + H_res figures, checkpoint
+
+What differs between parallel layouts lives in ``mhc_train.train.layouts``.
 
 Resuming (``resume=auto``) restores model, optimizer, scheduler, data position and RNG, so the
 losses after a resume equal those of an uninterrupted run bit for bit on CPU.
@@ -34,7 +37,6 @@ import torch.distributed as dist
 from mhc_train.data import DataError, PackedLoader, ValidationLoader, check_vocab, ensure_bundled_dataset, read_meta
 from mhc_train.data.bundled import default_cache_dir
 from mhc_train.model import MHCTransformer
-from mhc_train.parallel.data_parallel import full_value, wrap_model
 from mhc_train.train import plot
 from mhc_train.train.checkpoint import (
     CheckpointManager,
@@ -47,6 +49,7 @@ from mhc_train.train.checkpoint import (
 )
 from mhc_train.train.config import RunConfig, fingerprint, shape_signature
 from mhc_train.train.errors import CheckpointError, ConfigError, Interrupted, TrainingStopped
+from mhc_train.train.layouts import make_layout
 from mhc_train.train.metrics import JsonlSink, Metrics, ProgressBar, WandbSink
 from mhc_train.train.optim import build_optimizer
 from mhc_train.train.schedule import build_scheduler
@@ -190,7 +193,7 @@ class Trainer:
                 "rng": rng_state(), "wandb_id": self.wandb_id, "ema_loss": self._ema_loss}
 
     def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path, self.model, self.optimizer)
+        state = load_checkpoint(path, self.layout)
         self.scheduler.load_state_dict(state["scheduler"])
         # The loaded optimizer and scheduler carry the hyper-parameters of the run that saved them;
         # this run's config wins (a changed lr, eps or weight decay is warned about, not ignored).
@@ -204,7 +207,7 @@ class Trainer:
             group["lr"] = lr
         self.scheduler._last_lr = lrs
         data_state = dict(state["data"])
-        here = (self.cfg.train.batch_size, self.world_size)
+        here = (self.cfg.train.batch_size, self.layout.dp_world_size)
         saved = (data_state.get("batch_size", 0), data_state.get("world_size", 0))
         if saved != here and saved[0] * saved[1] == here[0] * here[1]:
             # Another data-parallel size with the same global batch: rank r takes the entries
@@ -301,19 +304,21 @@ class Trainer:
             np.random.seed(t.seed % 2**32)
             random.seed(t.seed)
             self.model = MHCTransformer(cfg.model, cfg.residual).to(self.device)
-            self.wrapped = self._wrap(self.model)  # before the optimizer: FSDP replaces the parameters
-            self.optimizer = build_optimizer(self.model, lr=cfg.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                             weight_decay=cfg.optim.weight_decay,
+            self.layout = make_layout(self.model, self.device, cfg, self.bf16)
+            self.layout.prepare()  # before the optimizer: FSDP replaces the parameters, a pipeline cuts stages
+            self.optimizer = build_optimizer(self.layout.optimized_module, lr=cfg.lr, betas=cfg.optim.betas,
+                                             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
                                              decay_embeddings=cfg.optim.decay_embeddings)
+            self.layout.attach(self.optimizer)
             o = cfg.optim
             self.scheduler = build_scheduler(self.optimizer, total_steps=t.steps, warmup_steps=o.warmup_steps,
                                              schedule=o.schedule, decay_at=o.decay_at, decay_factors=o.decay_factors)
             self.train_loader = PackedLoader(path, seq_len=t.seq_len, batch_size=t.batch_size,
-                                             split=cfg.data.train_split, seed=t.seed, rank=self.rank,
-                                             world_size=self.world_size)
+                                             split=cfg.data.train_split, seed=t.seed, rank=self.layout.dp_rank,
+                                             world_size=self.layout.dp_world_size)
             self.val_loader = ValidationLoader(path, seq_len=t.seq_len, batch_size=t.batch_size,
                                                max_batches=t.eval_batches, split=cfg.data.val_split,
-                                               rank=self.rank, world_size=self.world_size)
+                                               rank=self.layout.dp_rank, world_size=self.layout.dp_world_size)
             first_val = next(iter(self.val_loader))[0]
             self.gain_tokens = first_val[: t.gains_sequences].to(self.device)
             if source is not None:
@@ -367,17 +372,6 @@ class Trainer:
             torch.set_num_threads(saved_threads)
             torch.use_deterministic_algorithms(saved_det[0], warn_only=saved_det[1])
 
-    def _wrap(self, model: torch.nn.Module):
-        """Data parallel (ddp / fsdp) over the process group; ``single`` (or no group) is the model."""
-        p = self.cfg.parallel
-        kwargs = {}
-        if p.mode == "ddp":
-            kwargs["find_unused_parameters"] = p.find_unused_parameters
-        elif p.mode == "fsdp":
-            kwargs["reshard_after_forward"] = p.reshard_after_forward
-            kwargs["mixed_precision"] = self.bf16
-        return wrap_model(model, p.mode, self.device, **kwargs)
-
     def _agree_on_stop_signal(self) -> None:
         """Several ranks: a signal seen by any rank stops all of them after the same step (the
         checkpoint is collective; ranks deciding at different steps would hang in it)."""
@@ -390,7 +384,7 @@ class Trainer:
 
     def _tokens_per_step(self) -> int:
         t = self.cfg.train
-        return t.batch_size * t.seq_len * t.grad_accum * self.world_size
+        return t.batch_size * t.seq_len * t.grad_accum * self.layout.dp_world_size
 
     def _loop(self, ckpts: CheckpointManager) -> str:
         """Train to train.steps ("complete") or to train.stop_at ("paused")."""
@@ -432,56 +426,23 @@ class Trainer:
 
     def _train_step(self) -> dict[str, Any]:
         t = self.cfg.train
-        model, accum = self.model, t.grad_accum
-        forward = self.wrapped.forward_module  # the DDP wrapper, the FSDP root or the model
-        distributed = self.world_size > 1 and dist.is_initialized()
+        model, layout = self.model, self.layout
         model.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=self.device)
-        ce_sum = torch.zeros((), device=self.device)
-        aux_sum = torch.zeros((), device=self.device)
+        batches = [tuple(x.to(self.device, non_blocking=True) for x in next(self.train_loader))
+                   for _ in range(t.grad_accum)]
         inject = (self.step + 1) in t.inject_nonfinite_at
-        for i in range(accum):
-            inputs, targets = next(self.train_loader)
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            # DDP: all-reduce the gradients once per step, in the last micro-batch's backward
-            sync = forward.no_sync() if self.wrapped.mode == "ddp" and i < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with self.autocast():
-                    out = forward(inputs, targets)
-                loss = out.loss
-                if inject:
-                    loss = loss * float("nan")
-                (loss / accum).backward()
-            loss_sum += loss.detach().float()
-            ce_sum += out.ce_loss.detach().float()
-            if out.aux_loss is not None:
-                aux_sum += out.aux_loss.detach().float()
+        loss_v, ce_v, aux_v = (float(x) for x in layout.forward_backward(batches, self.autocast, inject))
         routers = [m.router for m in model.moe_layers()]
-        if distributed:  # losses: mean over ranks; router loads: summed, before the metric and the bias update
-            stats = torch.stack([loss_sum, ce_sum, aux_sum])
-            dist.all_reduce(stats)
-            loss_sum, ce_sum, aux_sum = stats / self.world_size
-            for r in routers:
-                dist.all_reduce(r.expert_load)
+        layout.reduce_router_loads(routers)  # before the metric and the bias update
         imbalance = [float(r.expert_load.max() / r.expert_load.mean()) for r in routers
                      if float(r.expert_load.sum()) > 0]
-        params = [p for p in model.parameters() if p.grad is not None]
-        if t.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        loss_v = float(loss_sum) / accum
-        grad_v = full_value(grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
+        grad_v, applied = layout.update(t.grad_clip, allowed=math.isfinite(loss_v))
         skip_reason = None
-        if not math.isfinite(loss_v):
-            skip_reason = "non-finite loss"
-        elif not math.isfinite(grad_v):
-            skip_reason = "non-finite grad norm"
-        if skip_reason is None:
-            self.optimizer.step()
+        if not applied:
+            skip_reason = "non-finite loss" if not math.isfinite(loss_v) else "non-finite grad norm"
+        if applied:
             model.update_router_biases()  # loads already summed over the ranks above
             self.consecutive_skips = 0
         else:
@@ -491,7 +452,7 @@ class Trainer:
             self.consecutive_skips += 1
             log.warning("step %d: %s, update skipped (%d in a row, %d in total)", self.step + 1, skip_reason,
                         self.consecutive_skips, self.skips_total)
-        self.optimizer.zero_grad(set_to_none=True)
+        layout.zero_grad()
         self.scheduler.step()
         self.step += 1
         tokens = self._tokens_per_step()
@@ -503,8 +464,8 @@ class Trainer:
         if skip_reason is None:
             self._ema_loss = loss_v if self._ema_loss is None else 0.9 * self._ema_loss + 0.1 * loss_v
         record = {
-            "kind": "train", "step": self.step, "loss": loss_v, "ce_loss": float(ce_sum) / accum,
-            "aux_loss": float(aux_sum) / accum, "grad_norm": grad_v, "lr": lr, "tokens": self.tokens_seen,
+            "kind": "train", "step": self.step, "loss": loss_v, "ce_loss": ce_v,
+            "aux_loss": aux_v, "grad_norm": grad_v, "lr": lr, "tokens": self.tokens_seen,
             "tokens_per_s": tokens / dt, "step_time_s": dt, "skipped": skip_reason is not None,
             "skip_reason": skip_reason, "skips_total": self.skips_total,
         }
@@ -522,14 +483,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         count = 0
         for inputs, targets in self.val_loader:
-            with self.autocast():
-                out = self.wrapped.forward_module(inputs.to(self.device), targets.to(self.device))
-            total += out.ce_loss.float()
+            total += self.layout.eval_loss(inputs.to(self.device), targets.to(self.device), self.autocast)
             count += 1
-        if dist.is_available() and dist.is_initialized():
-            stats = torch.stack([total, torch.tensor(float(count), device=self.device)])
-            dist.all_reduce(stats)
-            total, count = stats[0], int(stats[1])
+        stats = self.layout.reduce_sum(torch.stack([total, torch.tensor(float(count), device=self.device)]))
+        total, count = stats[0], int(stats[1])
         model.train()
         val = float(total) / max(count, 1)
         self.last_val = val
@@ -537,6 +494,7 @@ class Trainer:
                           "val_ppl": math.exp(val) if val < 50 else float("inf"), "batches": count})
 
     def _gains(self) -> None:
+        self.layout.prepare_gains()
         with self.autocast():
             report = self.model.residual_gains(self.gain_tokens)
         gains = report.as_dict()
@@ -553,6 +511,6 @@ class Trainer:
 
     def _checkpoint(self, ckpts: CheckpointManager) -> None:
         t0 = time.perf_counter()
-        path = ckpts.save(self.step, self.model, self.optimizer, self._trainer_state(), self._meta())
+        path = ckpts.save(self.step, self.layout, self._trainer_state(), self._meta())
         self.metrics.log({"kind": "checkpoint", "step": self.step, "path": str(path),
                           "seconds": round(time.perf_counter() - t0, 3)})

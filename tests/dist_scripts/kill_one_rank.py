@@ -8,10 +8,9 @@ Environment (read by this script only; the trainer is not changed):
     MHC_KILL_STEP      it dies right after this step's update (before the step's checkpoint, if due)
     MHC_KILL_ATTEMPT   die only in this torchrun attempt (TORCHELASTIC_RESTART_COUNT, default 0),
                        so that with --max-restarts the restarted workers run through
-    MHC_PG_TIMEOUT_S   process-group (collective) timeout in seconds instead of the default 1800
     MHC_HANG=1         instead of dying, the rank hangs (sleeps) after that step, with SIGTERM back
                        to its default action (torchrun's SIGTERM then ends it): its peers block in
-                       the next collective until MHC_PG_TIMEOUT_S passes
+                       the next collective until parallel.timeout_s passes
 """
 
 import os
@@ -19,7 +18,6 @@ import signal
 import sys
 import time
 
-import mhc_train.parallel.distributed as distributed
 from mhc_train.train.app import main
 from mhc_train.train.trainer import Trainer
 
@@ -28,10 +26,6 @@ KILL_STEP = int(os.environ.get("MHC_KILL_STEP", "0"))
 KILL_ATTEMPT = int(os.environ.get("MHC_KILL_ATTEMPT", "0"))
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 HANG = os.environ.get("MHC_HANG") == "1"
-
-if os.environ.get("MHC_PG_TIMEOUT_S"):
-    backend, device_type, _ = distributed.init_distributed.__defaults__
-    distributed.init_distributed.__defaults__ = (backend, device_type, float(os.environ["MHC_PG_TIMEOUT_S"]))
 
 real_step = Trainer._train_step
 

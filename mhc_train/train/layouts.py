@@ -1,0 +1,339 @@
+"""How one optimizer step runs under each parallel layout (``parallel.mode``).
+
+The trainer owns the loop, the metrics, the skip logic and the checkpoints; a layout owns what
+differs between engines. All three share one shape of step:
+
+    layout.prepare()                       wrap the model / cut it into pipeline stages
+    optimizer over layout.optimized_module, layout.attach(optimizer)   (DeepSpeed: the engine)
+    per step:
+      forward_backward(batches, autocast, inject)  -> (loss, ce, aux) of this step, equal on all ranks
+      reduce_router_loads(routers)                 -> the loads every rank's bias update sees
+      update(grad_clip, allowed)                   -> (grad norm before clipping, applied?)
+      zero_grad()
+    eval_loss(inputs, targets, autocast)           -> mean CE of one validation batch (every rank)
+    reduce_sum(t), prepare_gains()                 validation totals over data-parallel ranks;
+                                                   the full model's weights where gains are computed
+    state_dicts() / load_state_dicts(...)          FQN-keyed model + optimizer state for DCP
+
+Layouts:
+
+- ``DataParallelLayout`` (single | ddp | fsdp): the model's own autograd, DDP or FSDP2.
+- ``DeepSpeedLayout`` (deepspeed): a ZeRO-1/2 engine around our AdamW; clipping follows
+  ``train.grad_clip`` (DeepSpeed's 1.0 default never applies); the engine skips a step whose
+  gradients are not finite (also in bf16: ``check_grad_overflow``), we read whether it did.
+- ``PipelineLayout`` (pipeline): ``torch.distributed.pipelining`` stages of this rank; the
+  micro-batches of ``parallel.pipeline`` accumulate the gradient; the grad norm is the norm over
+  all stages (one all-reduce); the router loads of a layer live on its stage's rank and are
+  summed over the pipeline so every rank's bias copy stays equal.
+
+Every layout writes checkpoints in one format (``get_state_dict`` with flattened optimizer
+state: one key per parameter), so a run saved under one resumes under any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mhc_train.model import MHCTransformer
+from mhc_train.parallel.data_parallel import full_value, wrap_deepspeed, wrap_model
+from mhc_train.train.checkpoint import ModelState
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class Layout:
+    """The data-parallel layouts' common parts; subclasses override what differs."""
+
+    mode = "single"
+
+    def __init__(self, model: MHCTransformer, device: torch.device, cfg, bf16: bool):
+        self.model = model
+        self.device = device
+        self.cfg = cfg  # the RunConfig
+        self.bf16 = bf16
+        self.rank = dist.get_rank() if _distributed() else 0
+        self.world_size = dist.get_world_size() if _distributed() else 1
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # data parallelism: the loader's shard and the global batch
+    @property
+    def dp_rank(self) -> int:
+        return self.rank
+
+    @property
+    def dp_world_size(self) -> int:
+        return self.world_size
+
+    @property
+    def optimized_module(self) -> nn.Module:
+        """The module whose parameters this rank's optimizer updates."""
+        return self.model
+
+    def prepare(self) -> None:
+        pass
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over the data-parallel ranks (losses: each rank saw its own part of the batch)."""
+        if self.dp_world_size > 1:
+            dist.all_reduce(values)
+            values = values / self.dp_world_size
+        return values
+
+    def reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.dp_world_size > 1:
+            dist.all_reduce(values)
+        return values
+
+    def reduce_router_loads(self, routers) -> None:
+        if self.dp_world_size > 1:  # every rank's bias update must see the global loads
+            for r in routers:
+                dist.all_reduce(r.expert_load)
+
+    def prepare_gains(self) -> None:
+        """Make ``self.model`` hold the current weights of every layer (for residual_gains)."""
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dicts(self) -> tuple[dict, dict]:
+        return ModelState(self.optimized_module, self.optimizer).state_dicts()
+
+    def load_state_dicts(self, model_sd: dict, optim_sd: dict) -> None:
+        ModelState(self.optimized_module, self.optimizer).load_state_dicts(model_sd, optim_sd)
+
+    def _clip(self, params: list[torch.Tensor], grad_clip: float | None) -> float:
+        if grad_clip:
+            return full_value(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        return full_value(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+
+class DataParallelLayout(Layout):
+    """One process, DDP or FSDP2 (``mhc_train.parallel.data_parallel.wrap_model``)."""
+
+    def __init__(self, model, device, cfg, bf16):
+        super().__init__(model, device, cfg, bf16)
+        self.mode = cfg.parallel.mode
+
+    def prepare(self) -> None:
+        p, kwargs = self.cfg.parallel, {}
+        if p.mode == "ddp":
+            kwargs["find_unused_parameters"] = p.find_unused_parameters
+        elif p.mode == "fsdp":
+            kwargs["reshard_after_forward"] = p.reshard_after_forward
+            kwargs["mixed_precision"] = self.bf16
+        self.wrapped = wrap_model(self.model, p.mode, self.device, **kwargs)  # FSDP replaces the parameters
+
+    def forward_backward(self, batches, autocast: Callable, inject: bool):
+        forward, accum = self.wrapped.forward_module, len(batches)
+        sums = torch.zeros(3, device=self.device)  # loss, ce, aux
+        for i, (inputs, targets) in enumerate(batches):
+            # DDP: all-reduce the gradients once per step, in the last micro-batch's backward
+            sync = forward.no_sync() if self.wrapped.mode == "ddp" and i < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast():
+                    out = forward(inputs, targets)
+                loss = out.loss * float("nan") if inject else out.loss
+                (loss / accum).backward()
+            sums += _parts(loss, out)
+        return self.reduce_mean(sums / accum)
+
+    def update(self, grad_clip: float | None, allowed: bool) -> tuple[float, bool]:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = self._clip(params, grad_clip)
+        if allowed and math.isfinite(norm):
+            self.optimizer.step()
+            return norm, True
+        return norm, False
+
+    @torch.no_grad()
+    def eval_loss(self, inputs, targets, autocast) -> torch.Tensor:
+        with autocast():
+            return self.wrapped.forward_module(inputs, targets).ce_loss.float()
+
+
+class DeepSpeedLayout(Layout):
+    """DeepSpeed ZeRO stage 1 or 2 around the run's AdamW (no JIT-built DeepSpeed ops)."""
+
+    mode = "deepspeed"
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        t = self.cfg.train
+        self.optimizer = optimizer  # the torch AdamW: our LR schedule sets its param groups' lr
+        self.wrapped = wrap_deepspeed(self.model, optimizer, self.device, micro_batch=t.batch_size,
+                                      grad_accum=t.grad_accum, grad_clip=t.grad_clip,
+                                      zero_stage=self.cfg.parallel.zero_stage, bf16=self.bf16)
+        self.engine = self.wrapped.engine
+
+    def forward_backward(self, batches, autocast: Callable, inject: bool):
+        sums = torch.zeros(3, device=self.device)
+        for i, (inputs, targets) in enumerate(batches):
+            with autocast():
+                out = self.engine(inputs, targets)
+            loss = out.loss * float("nan") if inject else out.loss
+            self.engine.backward(loss)  # scaled by 1 / grad_accum inside
+            if i < len(batches) - 1:
+                self.engine.step()  # a micro-step: the engine counts them to find the boundary
+            sums += _parts(loss, out)
+        return self.reduce_mean(sums / len(batches))
+
+    def update(self, grad_clip: float | None, allowed: bool) -> tuple[float, bool]:
+        # The boundary step clips (train.grad_clip) and updates - unless the gradients are not
+        # finite, which is how a non-finite loss shows up after backward: the engine then zeroes
+        # them and skips. ``allowed`` cannot veto it otherwise; it never differs from that.
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()  # None only with compute_grad_norm off (not set here)
+        norm = float("nan") if norm is None else full_value(norm)
+        return norm, bool(self.engine.was_step_applied())
+
+    def zero_grad(self) -> None:
+        pass  # the engine zeroes the gradients in its boundary step
+
+    @torch.no_grad()
+    def eval_loss(self, inputs, targets, autocast) -> torch.Tensor:
+        with autocast():  # ZeRO 1/2 keep whole parameters in the module
+            return self.model(inputs, targets).ce_loss.float()
+
+    def state_dicts(self) -> tuple[dict, dict]:
+        from mhc_train.parallel.deepspeed_state import deepspeed_state_dicts
+
+        return deepspeed_state_dicts(self.engine, self.model)
+
+    def load_state_dicts(self, model_sd: dict, optim_sd: dict) -> None:
+        from mhc_train.parallel.deepspeed_state import load_deepspeed_state_dicts
+
+        load_deepspeed_state_dicts(self.engine, self.model, model_sd, optim_sd)
+
+
+class _RankStages(nn.Module):
+    """This rank's pipeline stages as one module under the full model's names (``embed``,
+    ``blocks.<global index>``, ``contract``, ``norm``, ``head``): its optimizer and checkpoint
+    keys are exactly the full model's, restricted to what this rank trains."""
+
+    def __init__(self, stage_modules):
+        super().__init__()
+        self.blocks = nn.ModuleDict()
+        for m in stage_modules:
+            for name in ("embed", "contract", "norm", "head"):
+                if hasattr(m, name) and isinstance(getattr(m, name), nn.Module):
+                    setattr(self, name, getattr(m, name))
+            self.blocks.update(m.blocks)
+
+
+class PipelineLayout(Layout):
+    """Pipeline parallelism over all ranks (``mhc_train.parallel.pipeline``).
+
+    Every rank builds the whole model with the run's seed (so the stages start from exactly the
+    single-process initialisation) and trains only its stages' parameters; the others stay as a
+    copy that ``prepare_gains`` refreshes from their owners when gains are computed."""
+
+    mode = "pipeline"
+
+    @property
+    def dp_rank(self) -> int:
+        return 0  # every pipeline rank reads the same batch (its stages use what they need)
+
+    @property
+    def dp_world_size(self) -> int:
+        return 1
+
+    @property
+    def optimized_module(self) -> nn.Module:
+        return self.local
+
+    def prepare(self) -> None:
+        from mhc_train.parallel.pipeline import build_pipeline_from_config
+
+        t, p = self.cfg.train, self.cfg.parallel.pipeline
+        self.pipe = build_pipeline_from_config(
+            self.model, p, self.rank, self.world_size, batch_size=t.batch_size, seq_len=t.seq_len,
+            device=self.device, activation_dtype=torch.bfloat16 if self.bf16 else None)
+        self.local = _RankStages(self.pipe.modules)
+        self._owner = self._owners()
+
+    def _owners(self) -> dict[str, int]:
+        """The rank whose stage trains each of the model's parameters and buffers."""
+        starts = [0]
+        for count in self.pipe.stage_blocks:
+            starts.append(starts[-1] + count)
+        last = len(self.pipe.stage_blocks) - 1
+
+        def stage_of(name: str) -> int:
+            if name.startswith("embed."):
+                return 0
+            if name.startswith("blocks."):
+                block = int(name.split(".")[1])
+                return next(s for s in range(last + 1) if starts[s] <= block < starts[s + 1])
+            return last
+
+        names = [n for n, _ in self.model.named_parameters()] + [n for n, _ in self.model.named_buffers()]
+        return {n: self.pipe.stage_ranks[stage_of(n)] for n in names}
+
+    def forward_backward(self, batches, autocast: Callable, inject: bool):
+        (inputs, targets), = batches  # the pipeline's micro-batches accumulate (validated)
+        with autocast():
+            loss = self.pipe.step(inputs, targets, broadcast_loss=True)
+        ce = self.pipe.last_ce_loss
+        aux = self.pipe.last_aux_loss if self.pipe.last_aux_loss is not None else torch.zeros((), device=self.device)
+        parts = torch.stack([loss.detach().float(), ce.detach().float(), aux.detach().float()])
+        if inject:  # the gradients must be non-finite too, as after a real non-finite loss
+            parts = parts * float("nan")
+            for p in self.local.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return parts
+
+    def reduce_router_loads(self, routers) -> None:
+        # A layer's router counts only on its stage's rank (zeros elsewhere): the sum gives every
+        # rank the loads, and so the same bias update for every layer.
+        for r in routers:
+            dist.all_reduce(r.expert_load)
+
+    def update(self, grad_clip: float | None, allowed: bool) -> tuple[float, bool]:
+        params = [p for p in self.local.parameters() if p.grad is not None]
+        local = (torch.nn.utils.get_total_norm([p.grad for p in params]) if params
+                 else torch.zeros((), device=self.device))
+        squares = local.float().pow(2).reshape(1)
+        dist.all_reduce(squares)  # the stages' parameters are disjoint: squares add up
+        norm = float(squares.sqrt())
+        if grad_clip and params:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, torch.tensor(norm, device=self.device))
+        if allowed and math.isfinite(norm):
+            self.optimizer.step()
+            return norm, True
+        return norm, False
+
+    def eval_loss(self, inputs, targets, autocast) -> torch.Tensor:
+        with autocast():
+            return self.pipe.evaluate(inputs, targets)
+
+    @torch.no_grad()
+    def prepare_gains(self) -> None:
+        tensors = dict(self.model.named_parameters())
+        tensors.update(self.model.named_buffers())
+        for name, tensor in tensors.items():  # same order on every rank
+            dist.broadcast(tensor.data, src=self._owner[name])
+
+
+def _parts(loss: torch.Tensor, out) -> torch.Tensor:
+    aux = out.aux_loss.detach().float() if out.aux_loss is not None else torch.zeros((), device=loss.device)
+    return torch.stack([loss.detach().float(), out.ce_loss.detach().float(), aux])
+
+
+def make_layout(model: MHCTransformer, device: torch.device, cfg, bf16: bool) -> Layout:
+    mode = cfg.parallel.mode
+    if mode == "deepspeed":
+        return DeepSpeedLayout(model, device, cfg, bf16)
+    if mode == "pipeline":
+        return PipelineLayout(model, device, cfg, bf16)
+    return DataParallelLayout(model, device, cfg, bf16)
