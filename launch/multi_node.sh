@@ -13,7 +13,7 @@
 #                 be right, but logs are easier to read when it is
 #   NPROC         processes per node (default: GPUs of this node, else 1)
 #   RDZV_ID       a job id shared by all nodes (default: $SLURM_JOB_ID, else mhc-train)
-#   PARALLEL      ddp (default) | fsdp | deepspeed
+#   PARALLEL      ddp (default) | fsdp | deepspeed | pipeline
 #   PY            python with mhc-train installed
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"

@@ -8,7 +8,7 @@
 # Environment:
 #   PY        python with mhc-train installed (default: .venv/bin/python, else python3)
 #   NPROC     processes (default: the number of GPUs, else 1)
-#   PARALLEL  ddp (default) | fsdp | deepspeed   -> parallel=$PARALLEL
+#   PARALLEL  ddp (default) | fsdp | deepspeed | pipeline   -> parallel=$PARALLEL
 #   THREADS   torch threads per process on CPU (default 1; OMP spin-waits, see docs/training.md)
 # Every argument is a Hydra override of mhc-train (docs/training.md). train.batch_size is per
 # process: the global batch is NPROC x train.batch_size x train.grad_accum.

@@ -34,9 +34,10 @@ class HyperConnection(ResidualConnection):
         if cfg.dynamic:
             self.norm = RMSNorm(dim, eps=norm_eps)
             self.dynamic_alpha_fn = nn.Parameter(torch.zeros(dim, n + 1))
-            self.dynamic_alpha_scale = nn.Parameter(torch.tensor(cfg.alpha_init))
+            # Shape [1], not a 0-dim scalar: DeepSpeed's start-up broadcast cannot send 0-dim tensors.
+            self.dynamic_alpha_scale = nn.Parameter(torch.full((1,), cfg.alpha_init))
             self.dynamic_beta_fn = nn.Parameter(torch.zeros(dim))
-            self.dynamic_beta_scale = nn.Parameter(torch.tensor(cfg.alpha_init))
+            self.dynamic_beta_scale = nn.Parameter(torch.full((1,), cfg.alpha_init))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
