@@ -280,6 +280,10 @@ def test_wandb_offline_run_directory(cache, tmp_path, monkeypatch):
                "train.gains_every=3", "logging.plots=true") == 0
     offline = list((tmp_path / "wandb-root" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and any(offline[0].rglob("*.wandb"))
+    # metrics.jsonl travels with the W&B run (mhc-plot reads per-layer gains from it)
+    synced = offline[0] / "files" / "metrics.jsonl"
+    local = next(out.rglob("metrics.jsonl"))
+    assert synced.is_file() and synced.read_text() == local.read_text() and '"kind": "gains"' in local.read_text()
 
 
 # --------------------------------------------------------------------------------- signals

@@ -109,6 +109,15 @@ class WandbSink:
         except Exception as e:  # network, auth, a wrong entity: the run goes on without W&B
             log.warning("W&B disabled for this run: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
             self.run = None
+            return
+        # The JSONL holds what W&B's scalars cannot (per-layer gains, H_res maps); synced live with
+        # the run so that `mhc-plot wandb:...` draws every figure. W&B only watches existing files.
+        metrics = self.run_dir / "metrics.jsonl"
+        try:
+            metrics.touch(exist_ok=True)
+            self.run.save(str(metrics), base_path=str(self.run_dir), policy="live")
+        except Exception as e:
+            log.warning("W&B will not hold metrics.jsonl: %s", e)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.run is None:
