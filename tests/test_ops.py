@@ -217,3 +217,68 @@ def test_pre_mappings_is_mappings_then_pre():
     loss(True).backward()
     for got, w in zip((t.grad for t in leaves), want):
         assert torch.allclose(got, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_res_mix_in_read_equals_pre_mappings_then_post_res(dtype):
+    # The torch backend's connection split (read mixes H_res x, write adds H_post^T y) against
+    # the public ops: same values, same gradients, including direct uses of h_pre / h_res and
+    # an upstream gradient with a stride-0 stream axis (the stream sum before the head).
+    from mhc_train.residual.ops import apply_post, mhc_read_res_mix
+
+    x, phi, alpha, bias = random_inputs((2, 3), 4, 6)
+    x = x.to(dtype)
+    g = torch.Generator().manual_seed(7)
+    y = torch.randn(2, 3, 6, generator=g).to(dtype)
+    weight = torch.randn(2, 3, 4, 4, generator=g)
+
+    def run(split):
+        leaves = [t.clone().requires_grad_(True) for t in (x, phi, alpha, bias, y)]
+        xx, p, a, b, yy = leaves
+        if split:
+            u, h_pre, h_post, h_res, res_x = mhc_read_res_mix(xx, p, a, b, 20)
+            out = apply_post(res_x, yy, h_post, xx.dtype)
+        else:
+            u, h_pre, h_post, h_res = mhc_pre_mappings(xx, p, a, b, 20)
+            out = apply_post_res(xx, yy, h_post, h_res)
+        loss = (out.float().sum(-2) ** 2).sum() + (u.float() ** 2).sum() + h_pre.sum() + (h_res * weight).sum()
+        loss.backward()
+        return out, [t.grad for t in leaves]
+
+    out_split, grads_split = run(True)
+    out_ref, grads_ref = run(False)
+    assert out_split.dtype == dtype
+    assert torch.allclose(out_split.float(), out_ref.float(), atol=1e-5)
+    # bf16: the split rounds the streams' gradient once (one fp32 buffer), the reference rounds
+    # its two parts and their sum, so they agree to bf16 steps of the largest entry.
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for got, want in zip(grads_split, grads_ref):
+        assert torch.allclose(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
+
+
+def test_res_mix_in_read_gradcheck():
+    from mhc_train.residual.ops import apply_post, mhc_read_res_mix
+
+    g = torch.Generator().manual_seed(5)
+    n, c = 3, 5
+    x = torch.randn(4, n, c, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, c, generator=g, dtype=torch.float64, requires_grad=True)
+    phi = (torch.randn(n * c, n * n + 2 * n, generator=g, dtype=torch.float64) * 0.3).requires_grad_(True)
+    alpha = torch.tensor([0.7, 1.3, 0.9], dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(n * n + 2 * n, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def connection(x, phi, alpha, bias, y):
+        u, h_pre, h_post, h_res, res_x = mhc_read_res_mix(x, phi, alpha, bias, 5, eps=1e-6)
+        return u, h_pre, h_res, apply_post(res_x, y, h_post, x.dtype)
+
+    assert torch.autograd.gradcheck(connection, (x, phi, alpha, bias, y))
+
+
+def test_row_dot_blocks_match_one_product(monkeypatch):
+    # _row_dot walks the tokens in cache-sized blocks on CPU; a last, partial block included.
+    from mhc_train.residual import torch_ops
+
+    x, v = torch.randn(10, 4, 6), torch.randn(10, 6)
+    monkeypatch.setattr(torch_ops, "_ROW_DOT_BLOCK_FLOATS", 3 * 4 * 6)
+    got = torch_ops._row_dot(x, v)
+    assert torch.allclose(got, torch.einsum("tic,tc->ti", x, v), atol=1e-6)

@@ -12,7 +12,16 @@ from torch import nn
 
 from mhc_train.residual.base import ResidualConnection
 from mhc_train.residual.config import ResidualConfig
-from mhc_train.residual.ops import apply_post_res, apply_pre, mapping_width, mhc_mappings, mhc_pre_mappings
+from mhc_train.residual.ops import (
+    apply_post,
+    apply_post_res,
+    apply_pre,
+    mapping_width,
+    mhc_mappings,
+    mhc_pre_mappings,
+    mhc_read_res_mix,
+    resolve_backend,
+)
 
 
 def mhc_bias_init(cfg: ResidualConfig, home: int) -> torch.Tensor:
@@ -60,20 +69,33 @@ class ManifoldHyperConnection(ResidualConnection):
 
     def read(self, streams: torch.Tensor):
         cfg = self.cfg
+        res_x = None
         if cfg.fix_pre:  # H_pre is replaced before it is applied: no fused pre
             h_pre, h_post, h_res = self.mappings(streams)
             u = apply_pre(streams, h_pre, backend=cfg.backend)
+        elif self._res_mix_in_read(streams):
+            u, _, h_post, h_res, res_x = mhc_read_res_mix(
+                streams, self.phi, self.alpha, self.bias, cfg.t_max, eps=cfg.rms_eps
+            )
         else:
             u, h_pre, h_post, h_res = mhc_pre_mappings(
                 streams, self.phi, self.alpha, self.bias, cfg.t_max, eps=cfg.rms_eps, backend=cfg.backend
             )
             _, h_post, h_res = fix_mappings(cfg, h_pre, h_post, h_res)
         self._record(h_res)
-        return u, (h_post, h_res)
+        return u, (h_post, h_res, res_x)
 
     def write(self, streams: torch.Tensor, y: torch.Tensor, mix) -> torch.Tensor:
-        h_post, h_res = mix
+        h_post, h_res, res_x = mix
+        if res_x is not None:
+            return apply_post(res_x, y, h_post, streams.dtype)
         return apply_post_res(streams, y, h_post, h_res, backend=self.cfg.backend)
+
+    def _res_mix_in_read(self, streams: torch.Tensor) -> bool:
+        """The torch backend mixes the streams in the read (``mhc_read_res_mix``) unless an
+        ablation replaces H_post or H_res; the Triton kernels keep ``apply_post_res``."""
+        cfg = self.cfg
+        return resolve_backend(cfg.backend, streams.device) == "torch" and not (cfg.fix_post or cfg.fix_res)
 
 
 def fix_mappings(cfg: ResidualConfig, h_pre: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from mhc_train.residual.sinkhorn import sinkhorn_knopp_torch
-from mhc_train.residual.torch_ops import ApplyPostRes, ApplyPre, MappingLogits, PreMappings, at_least_fp32
+from mhc_train.residual.torch_ops import ApplyPost, ApplyPostRes, ApplyPre, MappingLogits, PreMappings, at_least_fp32
 
 BACKENDS = ("torch", "triton", "auto")
 
@@ -156,12 +156,9 @@ def mhc_pre_mappings(
     if kernel is not None:
         _check_mapping_inputs(x, phi, alpha, bias)
         return kernel(x, phi, alpha, bias, int(t_max), eps)
-    n, c = _check_mapping_inputs(x, phi, alpha, bias)
+    n, _ = _check_mapping_inputs(x, phi, alpha, bias)
     _check(int(t_max) >= 1, f"t_max must be >= 1, got {t_max}")
-    lead = x.shape[:-2]
-    gate = _gate(alpha, n)
-    u, h_pre, h_post, h_res = PreMappings.apply(x.reshape(-1, n, c), phi, gate, bias, int(t_max), float(eps))
-    return u.reshape(*lead, c), h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
+    return PreMappings.apply(x, phi, _gate(alpha, n), bias, int(t_max), float(eps), False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +209,44 @@ def apply_post_res(
     if kernel is not None:
         return kernel(x, y, h_post, h_res)
     return ApplyPostRes.apply(x, y, h_post, h_res)
+
+
+# --------------------------------------------------------------------------------------------
+# The torch backend's split of a connection (no kernel implements these)
+# --------------------------------------------------------------------------------------------
+
+
+def mhc_read_res_mix(
+    x: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor,
+    t_max: int,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mhc_pre_mappings`` plus ``res_x = H_res x`` (``[..., n, C]``, fp32), torch backend only.
+
+    With ``apply_post`` it computes ``apply_post_res`` split differently between a connection's
+    read and write: the read mixes the streams, the write adds ``H_post^T y``. All of the
+    streams' gradient then comes out of the read's one autograd node, written into one buffer,
+    instead of two stream-sized gradients that autograd adds (docs/benchmarks.md, step time).
+    """
+    n, _ = _check_mapping_inputs(x, phi, alpha, bias)
+    _check(int(t_max) >= 1, f"t_max must be >= 1, got {t_max}")
+    return PreMappings.apply(x, phi, _gate(alpha, n), bias, int(t_max), float(eps), True)
+
+
+def apply_post(res_x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``res_x + h_post^T y`` in ``out_dtype``: the write after ``mhc_read_res_mix``.
+
+    For an fp32 ``out_dtype`` the result is written into ``res_x`` (the read made it for this).
+    """
+    n, c = _check_streams(res_x)
+    lead = tuple(res_x.shape[:-2])
+    _check(tuple(y.shape) == (*lead, c), f"y must have shape {(*lead, c)} ([..., C]), got {tuple(y.shape)}")
+    _check(tuple(h_post.shape) == (*lead, n),
+           f"h_post must have shape {(*lead, n)} ([..., n]), got {tuple(h_post.shape)}")
+    return ApplyPost.apply(res_x, y, h_post, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------

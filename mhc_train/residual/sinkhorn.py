@@ -63,17 +63,27 @@ def sinkhorn_forward(logits: torch.Tensor, t_max: int) -> torch.Tensor:
         return _from_token_last(_iterate(_to_token_last(logits), t_max), logits.shape).contiguous()
 
 
+def sinkhorn_recompute(logits: torch.Tensor, t_max: int):
+    """Re-run the iterations from the logits: (the forward's result, bitwise, as a contiguous
+    ``[..., n, n]``; its vector-Jacobian product, d loss / d output -> d loss / d logits)."""
+    steps: list = []
+    logits_nnt = _to_token_last(logits)
+    m = _iterate(logits_nnt, t_max, keep=steps)
+
+    def vjp(grad_out: torch.Tensor) -> torch.Tensor:
+        g = _to_token_last(grad_out)
+        # m_new = m / sum_dim(m)  =>  dL/dm = (g - sum_dim(g * m_new)) / sum_dim(m)
+        for m_new, s, dim in reversed(steps):
+            g = (g - (g * m_new).sum(dim=dim, keepdim=True)) / s
+        # m0 = exp(l - max): the max shift carries no gradient (the result does not depend on it).
+        return _from_token_last(g * _exp_shifted(logits_nnt), logits.shape)
+
+    return _from_token_last(m, logits.shape).contiguous(), vjp
+
+
 def sinkhorn_backward(logits: torch.Tensor, grad_out: torch.Tensor, t_max: int) -> torch.Tensor:
     """d loss / d logits from d loss / d output, recomputing the iterations from the logits."""
-    steps: list = []
-    _iterate(_to_token_last(logits), t_max, keep=steps)
-    g = _to_token_last(grad_out)
-    # m_new = m / sum_dim(m)  =>  dL/dm = (g - sum_dim(g * m_new)) / sum_dim(m)
-    for m_new, s, dim in reversed(steps):
-        g = (g - (g * m_new).sum(dim=dim, keepdim=True)) / s
-    # m0 = exp(l - max): the max shift carries no gradient (the result does not depend on it).
-    m0 = _exp_shifted(_to_token_last(logits))
-    return _from_token_last(g * m0, logits.shape)
+    return sinkhorn_recompute(logits, t_max)[1](grad_out)
 
 
 def _iterate_autograd(logits: torch.Tensor, t_max: int) -> torch.Tensor:

@@ -5,6 +5,17 @@ Plain autograd of the stream ops makes several passes over the [..., n, C] strea
 fewest: batched matmuls on contiguous operands, and for the mappings one matmul plus one
 fused update for the RMS term. They are checked against the plain formulas by gradcheck
 (tests/test_ops.py). The Triton kernels of mhc_kernels implement the same contracts.
+
+CPU notes that shaped the code (measured inside a training step, 2048 tokens, n = 4, C = 256):
+
+- A fresh stream-sized temporary costs more than most products over it, so none is made that
+  is not an output; the write adds into the read's H_res x instead of allocating its output.
+- bmm operands must have contiguous (or transposed) batch items: anything else, such as the
+  stride-0 stream axis of the last write's gradient, falls back to one small matmul per token.
+- bmm's per-token matrix-vector products (``[T, n, C] x [T, C, 1]``) are slow; ``_row_dot``
+  multiplies and sums blocks of tokens through one cache-sized temporary, 2x faster.
+- Stream gradients are returned as fresh tensors, not views: autograd can add another gradient
+  of the same tensor into such a tensor in place instead of allocating a third one.
 """
 
 from __future__ import annotations
@@ -12,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from mhc_train.residual.sinkhorn import sinkhorn_backward, sinkhorn_forward
+from mhc_train.residual.sinkhorn import sinkhorn_forward, sinkhorn_recompute
 
 
 def _flat(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
@@ -24,28 +35,50 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+# Tokens per block of _row_dot on CPU: a [tokens, n, C] fp32 temporary of ~1 MB stays in cache.
+_ROW_DOT_BLOCK_FLOATS = 2**18
+
+
+def _row_dot(x3: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[T, n, C] . [T, C] -> [T, n]``: each stream's dot product with one vector."""
+    t, n, c = x3.shape
+    v = v.reshape(t, 1, c)
+    if x3.device.type != "cpu":
+        return torch.bmm(x3, v.transpose(1, 2)).squeeze(-1)
+    out = x3.new_empty(t, n)
+    block = max(1, _ROW_DOT_BLOCK_FLOATS // (n * c))
+    tmp = x3.new_empty(min(t, block), n, c)
+    for lo in range(0, t, block):
+        hi = min(t, lo + block)
+        torch.sum(torch.mul(x3[lo:hi], v[lo:hi], out=tmp[: hi - lo]), dim=-1, out=out[lo:hi])
+    return out
+
+
+def _stream_sum(h: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+    """``[T, n] x [T, n, C] -> [T, C]``: sum_i h[t, i] x[t, i]."""
+    return torch.bmm(h.reshape(-1, 1, x3.shape[-2]), x3).squeeze(1)
+
+
 class ApplyPre(torch.autograd.Function):
     """u[t] = sum_i h[t, i] x[t, i]  (x [T, n, C], h [T, n], fp32 maths)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[-2:]
-        x3 = at_least_fp32(_flat(x, n, c))
-        h3 = at_least_fp32(h.reshape(-1, 1, n))
         ctx.save_for_backward(x, h)
-        return torch.bmm(h3, x3).reshape(*x.shape[:-2], c).to(x.dtype)
+        return _stream_sum(at_least_fp32(h), at_least_fp32(_flat(x, n, c))).reshape(*x.shape[:-2], c).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: torch.Tensor):
         x, h = ctx.saved_tensors
         n, c = x.shape[-2:]
-        g3 = at_least_fp32(g.reshape(-1, 1, c))
+        g32 = at_least_fp32(g)
         grad_x = grad_h = None
         if ctx.needs_input_grad[0]:
-            grad_x = (at_least_fp32(h.reshape(-1, n, 1)) * g3).reshape(x.shape).to(x.dtype)
+            grad_x = (at_least_fp32(h).unsqueeze(-1) * g32.unsqueeze(-2)).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_h = torch.bmm(at_least_fp32(_flat(x, n, c)), g3.transpose(1, 2)).reshape(h.shape).to(h.dtype)
+            grad_h = _row_dot(at_least_fp32(_flat(x, n, c)), g32).reshape(h.shape).to(h.dtype)
         return grad_x, grad_h
 
 
@@ -53,7 +86,7 @@ class ApplyPostRes(torch.autograd.Function):
     """out[t] = h_res[t] @ x[t] + h_post[t]^T y[t].
 
     Outer products are broadcast multiplies, not K=1 batched matmuls: on CPU those (and
-    baddbmm) fall back to one small matmul per token and run 10x slower.
+    baddbmm onto a broadcast input) fall back to one small matmul per token and run 10x slower.
     """
 
     @staticmethod
@@ -70,19 +103,60 @@ class ApplyPostRes(torch.autograd.Function):
     def backward(ctx, g):
         x, y, h_post, h_res = ctx.saved_tensors
         n, c = x.shape[-2:]
-        g3 = at_least_fp32(_flat(g, n, c))
+        # The gradient of the last write arrives expanded (stride 0 over the streams, from the
+        # stream sum before the head): bmm would fall back to one matmul per token.
+        g3 = _flat(at_least_fp32(g), n, c).contiguous()
         grad_x = grad_y = grad_post = grad_res = None
         if ctx.needs_input_grad[0]:
-            h_res_t = at_least_fp32(h_res.reshape(-1, n, n)).transpose(1, 2)
-            grad_x = torch.bmm(h_res_t, g3).reshape(x.shape).to(x.dtype)
+            grad_x = torch.empty(x.shape, dtype=g3.dtype, device=g3.device)  # not a view: see top
+            torch.bmm(at_least_fp32(h_res.reshape(-1, n, n)).transpose(1, 2), g3, out=_flat(grad_x, n, c))
+            grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_y = torch.bmm(at_least_fp32(h_post.reshape(-1, 1, n)), g3).reshape(y.shape).to(y.dtype)
+            grad_y = _stream_sum(at_least_fp32(h_post), g3).reshape(y.shape).to(y.dtype)
         if ctx.needs_input_grad[2]:
-            grad_post = torch.bmm(g3, at_least_fp32(y.reshape(-1, c, 1))).reshape(h_post.shape).to(h_post.dtype)
+            grad_post = _row_dot(g3, at_least_fp32(y)).reshape(h_post.shape).to(h_post.dtype)
         if ctx.needs_input_grad[3]:
             x_t = at_least_fp32(_flat(x, n, c)).transpose(1, 2)
             grad_res = torch.bmm(g3, x_t).reshape(h_res.shape).to(h_res.dtype)
         return grad_x, grad_y, grad_post, grad_res
+
+
+class ApplyPost(torch.autograd.Function):
+    """out = res_x + h_post^T y: the write of a connection whose read already mixed the streams.
+
+    res_x [..., n, C] (= H_res x, fp32, from ``PreMappings`` with ``res_mix``), y [..., C],
+    h_post [..., n] -> [..., n, C] in ``out_dtype``. When that is fp32 the sum is written into
+    res_x (a buffer nothing else uses) instead of a new stream-sized tensor. The gradient of
+    res_x is the incoming gradient itself; H_res and x get theirs in the read's backward, which
+    thereby writes the streams' whole gradient into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, res_x, y, h_post, out_dtype: torch.dtype):
+        h3 = at_least_fp32(h_post).unsqueeze(-1)
+        y3 = at_least_fp32(y).unsqueeze(-2)
+        ctx.save_for_backward(y, h_post)
+        ctx.res_x_dtype = res_x.dtype
+        if out_dtype != res_x.dtype:
+            return torch.addcmul(res_x, h3, y3).to(out_dtype)
+        ctx.mark_dirty(res_x)
+        return res_x.addcmul_(h3, y3)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        y, h_post = ctx.saved_tensors
+        n, c = g.shape[-2:]
+        # Contiguous for the bmm below and for the read's (the last write's gradient arrives
+        # with a stride-0 stream axis).
+        g32 = at_least_fp32(g).contiguous()
+        g3 = _flat(g32, n, c)
+        grad_y = grad_post = None
+        if ctx.needs_input_grad[1]:
+            grad_y = _stream_sum(at_least_fp32(h_post), g3).reshape(y.shape).to(y.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_post = _row_dot(g3, at_least_fp32(y)).reshape(h_post.shape).to(h_post.dtype)
+        return g32.to(ctx.res_x_dtype), grad_y, grad_post, None
 
 
 class MappingLogits(torch.autograd.Function):
@@ -118,7 +192,7 @@ class MappingLogits(torch.autograd.Function):
             coef = -(g * gate32 * proj).sum(dim=-1, keepdim=True) * inv_r.pow(3) / d
             grad_x = (g_proj @ at_least_fp32(phi).t()).addcmul_(coef, x32).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_phi = (x32.t() @ g_proj).to(phi.dtype)
+            grad_phi = _weight_grad(x32, g_proj).to(phi.dtype)
         if ctx.needs_input_grad[2]:
             grad_gate = (g * proj * inv_r).sum(dim=0).to(gate.dtype)
         if ctx.needs_input_grad[3]:
@@ -126,63 +200,93 @@ class MappingLogits(torch.autograd.Function):
         return grad_x, grad_phi, grad_gate, grad_bias, None
 
 
+def _weight_grad(flat: torch.Tensor, g_proj: torch.Tensor) -> torch.Tensor:
+    """phi's gradient flat^T @ g_proj ([nC, T] x [T, W]), computed as (g_proj^T @ flat)^T: the
+    same sums, in the orientation MKL runs faster for W = n^2 + 2n columns (measured on CPU)."""
+    return (g_proj.t() @ flat).t()
+
+
 class PreMappings(torch.autograd.Function):
     """The whole read of an mHC connection, Eq 14-19 then H_pre x, in one node.
 
-    x [T, n, C], phi [nC, W], gate [W], bias [W] -> u [T, C] (x's dtype), h_pre, h_post [T, n],
-    h_res [T, n, n] (fp32). One node instead of seven means one gradient for the streams
-    (mapping and aggregation terms written into one buffer) instead of two that autograd adds,
-    and no stream-sized temporaries for the RMS and outer-product terms.
+    x [..., n, C], phi [nC, W], gate [W], bias [W] -> u [..., C] (x's dtype), h_pre, h_post
+    [..., n], h_res [..., n, n] (fp32). One node instead of seven means one gradient for the
+    streams (mapping and aggregation terms written into one buffer) instead of two that autograd
+    adds, and no stream-sized temporaries for the RMS and outer-product terms.
+
+    With ``res_mix`` it also returns H_res x ([..., n, C], fp32) for ``ApplyPost``: then the
+    stream gradient of the res mix (H_res^T g) lands in the same buffer too, and the write
+    never sees x. H_res itself is not saved: the backward recomputes Sinkhorn anyway.
     """
 
     @staticmethod
-    def forward(ctx, x, phi, gate, bias, t_max: int, eps: float):
-        t, n, c = x.shape
-        x32 = at_least_fp32(x)
-        flat = x32.reshape(t, n * c)
+    def forward(ctx, x, phi, gate, bias, t_max: int, eps: float, res_mix: bool):
+        lead, (n, c) = x.shape[:-2], x.shape[-2:]
+        x3 = at_least_fp32(_flat(x, n, c))
+        t = x3.shape[0]
+        flat = x3.reshape(t, n * c)
         proj = flat @ at_least_fp32(phi)
         inv_r = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).pow(2) / (n * c) + eps)
         logits = torch.addcmul(at_least_fp32(bias), inv_r * proj, at_least_fp32(gate))
         h_pre = torch.sigmoid(logits[:, :n])
         h_post = 2.0 * torch.sigmoid(logits[:, n : 2 * n])
         h_res = sinkhorn_forward(logits[:, 2 * n :].reshape(t, n, n), t_max)
-        u = torch.bmm(h_pre.unsqueeze(1), x32).squeeze(1).to(x.dtype)
+        u = _stream_sum(h_pre, x3).view(*lead, c).to(x.dtype)
         ctx.save_for_backward(x, phi, gate, proj, inv_r, logits, h_pre, h_post)
         ctx.t_max, ctx.bias_dtype = t_max, bias.dtype
-        return u, h_pre, h_post, h_res
+        ctx.set_materialize_grads(False)  # unused outputs (often h_pre, h_res) cost nothing
+        outs = (u, h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n))
+        if res_mix:  # a tensor of its own, not a view: ApplyPost writes into it
+            res_x = torch.empty(x.shape, dtype=x3.dtype, device=x3.device)
+            torch.bmm(h_res, x3, out=_flat(res_x, n, c))
+            outs += (res_x,)
+        return outs
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_u, g_pre, g_post, g_res):
+    def backward(ctx, g_u, g_pre, g_post, g_res, g_res_x=None):
         x, phi, gate, proj, inv_r, logits, h_pre, h_post = ctx.saved_tensors
-        t, n, c = x.shape
-        x32 = at_least_fp32(x)
+        n, c = x.shape[-2:]
+        x3 = at_least_fp32(_flat(x, n, c))
+        t = x3.shape[0]
         zeros = lambda shape: torch.zeros(shape, dtype=logits.dtype, device=logits.device)  # noqa: E731
-        g_u = at_least_fp32(g_u) if g_u is not None else zeros((t, c))
+        g_u = at_least_fp32(g_u).reshape(t, c) if g_u is not None else zeros((t, c))
+        # d loss / d H_res: from H_res x (res_mix), plus any direct use of h_res.
+        g_h_res = g_res.reshape(t, n, n) if g_res is not None else None
+        if g_res_x is not None:
+            g_res_x = _flat(at_least_fp32(g_res_x), n, c).contiguous()  # ApplyPost's already is
+            from_mix = torch.bmm(g_res_x, x3.transpose(1, 2))
+            g_h_res = from_mix if g_h_res is None else from_mix + g_h_res
+        if g_h_res is not None:
+            h_res, sinkhorn_vjp = sinkhorn_recompute(logits[:, 2 * n :].reshape(t, n, n), ctx.t_max)
         # d loss / d H_pre: from u = H_pre x, plus any direct use of h_pre.
-        g_h_pre = torch.bmm(x32, g_u.unsqueeze(-1)).squeeze(-1)
+        g_h_pre = _row_dot(x3, g_u)
         if g_pre is not None:
-            g_h_pre = g_h_pre + g_pre
+            g_h_pre += g_pre.reshape(t, n)
         d_pre = g_h_pre * h_pre * (1.0 - h_pre)  # sigmoid'
-        d_post = (g_post * h_post * (1.0 - 0.5 * h_post)) if g_post is not None else zeros((t, n))  # (2 sigmoid)'
-        d_res = (sinkhorn_backward(logits[:, 2 * n :].reshape(t, n, n), g_res, ctx.t_max).reshape(t, n * n)
-                 if g_res is not None else zeros((t, n * n)))
+        d_post = (g_post.reshape(t, n) * h_post * (1.0 - 0.5 * h_post)) if g_post is not None else zeros((t, n))
+        d_res = sinkhorn_vjp(g_h_res).reshape(t, n * n) if g_h_res is not None else zeros((t, n * n))
         g_logits = torch.cat([d_pre, d_post, d_res], dim=-1)  # [T, W]
         gate32 = at_least_fp32(gate)
         g_proj = g_logits * gate32 * inv_r
+        flat = x3.reshape(t, n * c)
         grad_x = grad_phi = grad_gate = grad_bias = None
         if ctx.needs_input_grad[0]:
-            flat = x32.reshape(t, n * c)
+            # One buffer, not a view (see top), for every term of the streams' gradient.
+            grad_x = torch.empty(x.shape, dtype=g_logits.dtype, device=g_logits.device)
+            grad_flat = grad_x.view(t, n * c)
+            torch.mm(g_proj, at_least_fp32(phi).t(), out=grad_flat)
+            if g_res_x is not None:
+                grad_x.view(t, n, c).baddbmm_(h_res.transpose(1, 2), g_res_x)  # from H_res x
             # d inv_r / d x = -inv_r^3 x / (nC), summed against g_logits * gate * proj.
             coef = -(g_logits * gate32 * proj).sum(dim=-1, keepdim=True) * inv_r.pow(3) / (n * c)
-            grad_flat = g_proj @ at_least_fp32(phi).t()
             grad_flat.addcmul_(coef, flat)
-            grad_flat.view(t, n, c).addcmul_(h_pre.unsqueeze(-1), g_u.unsqueeze(1))  # from u = H_pre x
-            grad_x = grad_flat.view(t, n, c).to(x.dtype)
+            grad_x.view(t, n, c).addcmul_(h_pre.unsqueeze(-1), g_u.unsqueeze(1))  # from u = H_pre x
+            grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_phi = (x32.reshape(t, n * c).t() @ g_proj).to(phi.dtype)
+            grad_phi = _weight_grad(flat, g_proj).to(phi.dtype)
         if ctx.needs_input_grad[2]:
             grad_gate = (g_logits * proj * inv_r).sum(dim=0).to(gate.dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = g_logits.sum(dim=0).to(ctx.bias_dtype)
-        return grad_x, grad_phi, grad_gate, grad_bias, None, None
+        return grad_x, grad_phi, grad_gate, grad_bias, None, None, None
