@@ -151,6 +151,8 @@ def test_deepspeed_config_follows_grad_clip():
     (["parallel=pipeline", "parallel.pipeline.schedule=dualpipev"],  # tiny: 3 blocks, 2 ranks x 2 stages
      "parallel.pipeline.stages_per_rank: 4 stages (2 ranks x 2) need at least one block each"),
     (["parallel=pipeline", "parallel.pipeline.microbatches=3"], "parallel.pipeline.microbatches: the batch of 8"),
+    (["parallel=pipeline", "parallel.pipeline.balance=rank"],
+     "parallel.pipeline.balance: rank balancing is for the V schedules (zbv, dualpipev), not 1f1b"),
 ])
 def test_parallel_config_errors(overrides, message, monkeypatch):
     from hydra import compose, initialize_config_dir

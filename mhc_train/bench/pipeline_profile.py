@@ -565,6 +565,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--residual", nargs="+", default=["baseline", "mhc"], choices=sorted(VARIANTS))
     p.add_argument("--schedule", nargs="+", default=["1f1b", "zbv", "dualpipev"])
     p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--balance", choices=("stage", "rank"), default="stage",
+                   help="stage cut for the V schedules: per stage or per rank (1f1b always per stage)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step, split into the micro-batches")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=5, help="profiled steps per case")
@@ -613,8 +615,9 @@ def run(args, schedules, cfg, world: int) -> tuple[str, dict, dict]:
         for schedule in schedules:
             torch.manual_seed(args.seed)  # the same model on every rank
             model = MHCTransformer(cfg, ResidualConfig(**VARIANTS[residual])).to(device).train()
+            balance = args.balance if schedule in ("zbv", "dualpipev") else "stage"
             pipe = build_pipeline(model, schedule, args.microbatches, rank, world, microbatch_size=mb,
-                                  seq_len=args.seq, device=device)
+                                  seq_len=args.seq, device=device, balance=balance)
             instrument(pipe)
             cases.append(Case(residual, schedule, pipe, model.n_streams))
     dtype = next(cases[0].pipe.parameters()).dtype
@@ -655,10 +658,12 @@ def run(args, schedules, cfg, world: int) -> tuple[str, dict, dict]:
     config = {"model": args.model, "layers": cfg.n_layers, "batch": args.batch, "microbatches": args.microbatches,
               "microbatch_size": mb, "seq": args.seq, "ranks": world, "steps": args.steps, "warmup": args.warmup,
               "threads_per_rank": torch.get_num_threads(), "device": dev, "backend": dist.get_backend(),
-              "torch": torch.__version__, "residuals": args.residual, "schedules": schedules}
+              "torch": torch.__version__, "residuals": args.residual, "schedules": schedules,
+              "balance": args.balance}
     header = (f"model={args.model} ({cfg.n_layers} blocks) batch={args.batch} ({args.microbatches} micro-batches "
               f"of {mb}) seq={args.seq} ranks={world} steps={args.steps} after {args.warmup} warm-up, device={dev}, "
-              f"{torch.get_num_threads()} threads/rank, {dist.get_backend()}, torch={torch.__version__}")
+              f"{torch.get_num_threads()} threads/rank, {dist.get_backend()}, torch={torch.__version__}, "
+              f"V cut per {args.balance}")
     report = {"config": config, "messages": messages, "cases": results}
     return table(header, messages, results), report, timelines
 

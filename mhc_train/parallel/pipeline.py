@@ -67,6 +67,7 @@ class PipelineConfig:
     microbatches: int = 4  # per optimizer step; the batch is split evenly into them
     stages_per_rank: int | None = None  # None: 1 (gpipe, 1f1b) or 2 (interleaved1f1b, zbv, dualpipev)
     stage_blocks: list[int] | None = None  # blocks per stage (in stage order); None: balanced by cost
+    balance: str = "stage"  # stage: the costliest stage as cheap as possible | rank: the costliest rank (V only)
     overlap: bool = True  # dualpipev: run paired F and B chunks through the overlap handler
     overlap_concurrency: str = "auto"  # auto (threads + streams on CUDA, sequential on CPU) | sequential | threads
     post_res_stream: bool = False  # CUDA: FFN post-res merge on a high-priority stream (paper 4.3.3)
@@ -245,6 +246,86 @@ def balance_stages(costs: Sequence[float], num_stages: int, first_extra: float =
     return counts[::-1]
 
 
+def balance_v_ranks(costs: Sequence[float], ranks: int, first_extra: float = 0.0, last_extra: float = 0.0) -> list[int]:
+    """Blocks per stage for a V placement (rank r holds stages r and 2P-1-r): the most expensive
+    RANK as cheap as possible, then, among those cuts, the most expensive stage. Both of a rank's
+    stages run on one device and rank 0 also holds the embedding and the head, so balancing the
+    stages one by one (``balance_stages``) leaves rank 0 the slowest.
+
+    Exact, pairing stages from the outside in: pair r takes the next free blocks on the left
+    (stage r) and on the right (stage 2P-1-r), the state (i, j) is the middle range still free, the
+    innermost pair splits what is left. Two dynamic programmes over the O(P n^2) states, each
+    step a vectorised minimum over the next state (i', j'): the smallest max rank cost R*, then
+    the smallest max stage cost with every rank within R*."""
+    import numpy as np
+
+    n = len(costs)
+    if ranks < 1 or n < 2 * ranks:
+        _bad("stages_per_rank", f"{2 * ranks} stages need at least one block each, the model has {n} blocks")
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(costs, dtype=np.float64))])
+    span = prefix[None, :] - prefix[:, None]  # span[i, j] = cost of blocks [i, j)
+    inf = np.inf
+
+    def extras(r):
+        return (first_extra, last_extra) if r == 0 else (0.0, 0.0)
+
+    def innermost(cap):
+        """(max rank cost, max stage cost, split) of the innermost pair on [i, j), ranks <= cap."""
+        e_left, e_right = extras(ranks - 1)
+        rank_cost = np.full((n + 1, n + 1), inf)
+        stage_cost = np.full((n + 1, n + 1), inf)
+        split = np.zeros((n + 1, n + 1), dtype=np.int64)
+        for i in range(n - 1):
+            for j in range(i + 2, n + 1):
+                m = np.arange(i + 1, j)
+                worst = np.maximum(span[i, m] + e_left, span[m, j] + e_right)
+                k = int(np.argmin(worst))
+                rank_cost[i, j] = span[i, j] + e_left + e_right
+                if rank_cost[i, j] <= cap:
+                    stage_cost[i, j], split[i, j] = worst[k], m[k]
+        return rank_cost, stage_cost, split
+
+    def outer(r, inner_value, cap, objective):
+        """One pair further out: the best value of pairs r.. per state, and the (i', j') chosen."""
+        need = 2 * (ranks - 1 - r)  # blocks the inner pairs need
+        e_left, e_right = extras(r)
+        table = np.full((n + 1, n + 1), inf)
+        pick = np.zeros((n + 1, n + 1, 2), dtype=np.int64)
+        for i in range(n + 1):
+            for j in range(i + need + 2, n + 1):
+                ip, jp = np.arange(i + 1, j)[:, None], np.arange(i + 1, j)[None, :]
+                left, right = span[i, ip] + e_left, span[jp, j] + e_right
+                pair_rank = left + right
+                own = pair_rank if objective == "rank" else np.maximum(left, right)
+                value = np.maximum(own, inner_value[ip, jp])
+                value = np.where((jp - ip >= need) & (pair_rank <= cap), value, inf)
+                k = int(np.argmin(value))
+                table[i, j] = value.flat[k]
+                pick[i, j] = (i + 1 + k // value.shape[1], i + 1 + k % value.shape[1])
+        return table, pick
+
+    # 1. the smallest max rank cost
+    value = innermost(inf)[0]
+    for r in range(ranks - 2, -1, -1):
+        value = outer(r, value, inf, "rank")[0]
+    cap = float(value[0, n]) * (1 + 1e-12)
+    # 2. the smallest max stage cost with every rank within it
+    _, value, split = innermost(cap)
+    picks = {}
+    for r in range(ranks - 2, -1, -1):
+        value, picks[r] = outer(r, value, cap, "stage")
+    left, right, i, j = [], [], 0, n
+    for r in range(ranks - 1):
+        ip, jp = (int(v) for v in picks[r][i, j])
+        left.append(ip - i)
+        right.append(j - jp)
+        i, j = ip, jp
+    m = int(split[i, j])
+    left.append(m - i)
+    right.append(j - m)
+    return left + right[::-1]
+
+
 def stage_block_ranges(counts: Sequence[int]) -> list[range]:
     ranges, start = [], 0
     for c in counts:
@@ -254,11 +335,14 @@ def stage_block_ranges(counts: Sequence[int]) -> list[range]:
 
 
 def plan_stage_blocks(model: MHCTransformer, num_stages: int, stage_blocks: Sequence[int] | None = None,
-                      seq_len: int | None = None) -> list[int]:
-    """Blocks per stage: the explicit list when given (checked), else balanced by cost."""
+                      seq_len: int | None = None, balance: str = "stage") -> list[int]:
+    """Blocks per stage: the explicit list when given (checked), else balanced by cost per stage
+    (``balance="stage"``) or, for a V placement, per rank (``"rank"``, ``balance_v_ranks``)."""
     if stage_blocks is not None:
         return check_stage_blocks(stage_blocks, num_stages, len(model.blocks))
     costs, first, last = model_costs(model, seq_len)
+    if balance == "rank":
+        return balance_v_ranks(costs, num_stages // 2, first, last)
     return balance_stages(costs, num_stages, first, last)
 
 
@@ -512,6 +596,7 @@ def build_pipeline(
     seq_len: int,
     stages_per_rank: int | None = None,
     stage_blocks: Sequence[int] | None = None,
+    balance: str = "stage",
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss,
     group: dist.ProcessGroup | None = None,
     device: torch.device | str | None = None,
@@ -535,7 +620,11 @@ def build_pipeline(
     if not 0 <= rank < world_size:
         _bad("rank", f"rank {rank} outside the {world_size} pipeline ranks")
     num_stages = world_size * spr
-    counts = plan_stage_blocks(model, num_stages, stage_blocks, seq_len)
+    if balance not in ("stage", "rank"):
+        _bad("balance", f"must be stage or rank, got {balance!r}")
+    if balance == "rank" and schedule not in V_SCHEDULES:
+        _bad("balance", f"rank balancing is for the V schedules ({', '.join(V_SCHEDULES)}), not {schedule}")
+    counts = plan_stage_blocks(model, num_stages, stage_blocks, seq_len, balance)
     ranges = stage_block_ranges(counts)
     mapping = stage_to_rank(schedule, world_size, spr)
     mine = sorted(s for s, r in mapping.items() if r == rank)
@@ -584,7 +673,8 @@ def build_pipeline_from_config(model: MHCTransformer, cfg: PipelineConfig, rank:
              "micro-batches")
     return build_pipeline(model, cfg.schedule, cfg.microbatches, rank, world_size,
                           microbatch_size=batch_size // cfg.microbatches, seq_len=seq_len,
-                          stages_per_rank=cfg.stages_per_rank, stage_blocks=cfg.stage_blocks, overlap=cfg.overlap,
+                          stages_per_rank=cfg.stages_per_rank, stage_blocks=cfg.stage_blocks, balance=cfg.balance,
+                          overlap=cfg.overlap,
                           overlap_concurrency=cfg.overlap_concurrency, post_res_stream=cfg.post_res_stream, **kwargs)
 
 
@@ -595,6 +685,7 @@ __all__ = [
     "PipelineStageModule",
     "SCHEDULES",
     "balance_stages",
+    "balance_v_ranks",
     "block_cost",
     "build_pipeline",
     "build_pipeline_from_config",

@@ -258,10 +258,13 @@ def _check_pipeline(p: PipelineConfig, world: int, model: ModelConfig, t: LoopCo
            f"with parallel=pipeline the micro-batches accumulate: set train.grad_accum=1 and split "
            f"train.batch_size into parallel.pipeline.microbatches (got grad_accum={t.grad_accum})")
     try:
-        validate_pipeline(p.schedule, world, model.n_layers, p.microbatches, p.stages_per_rank, p.stage_blocks,
-                          t.batch_size)
+        schedule, _ = validate_pipeline(p.schedule, world, model.n_layers, p.microbatches, p.stages_per_rank,
+                                        p.stage_blocks, t.batch_size)
     except PipelineConfigError as e:
         raise ConfigError(str(e)) from None
+    _check(p.balance in ("stage", "rank"), "parallel.pipeline.balance", f"must be stage or rank, got {p.balance!r}")
+    _check(p.balance == "stage" or schedule in ("zbv", "dualpipev"), "parallel.pipeline.balance",
+           f"rank balancing is for the V schedules (zbv, dualpipev), not {schedule}")
     _check(p.overlap_concurrency in ("auto", "sequential", "threads"), "parallel.pipeline.overlap_concurrency",
            f"must be auto, sequential or threads, got {p.overlap_concurrency!r}")
 
