@@ -15,7 +15,7 @@ def test_deepspeed_state_dicts_round_trip_through_dcp(subprocess_env):
     """Per stage: state after 2 steps like a plain AdamW's get_state_dict; DCP save -> fresh engine
     -> step 3 bitwise equal to uninterrupted; the files load into a plain AdamW; parameters without
     gradients (measured: resume differences 0; vs the reference, parameters 3e-6 to 4e-5, moments
-    <= 2e-5 relative)."""
+    <= 2.6e-4 relative to each tensor's largest entry)."""
     for _ in range(2):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                str(ROOT / "tests" / "dist_scripts" / "deepspeed_state_check.py")],

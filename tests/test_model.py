@@ -72,3 +72,26 @@ def test_meta_device_builds_without_memory():
         model = MHCTransformer(load_model_config("27b"), ResidualConfig(variant="mhc"))
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) > 26e9
+
+
+def test_each_weight_initialises_the_same_whatever_else_the_process_holds():
+    """A pipeline rank materialises only its stages (the rest stays on meta): every weight it
+    holds must equal the one-process value (per-weight seeded init), and the seed must matter."""
+    cfg, rcfg = load_model_config("tiny"), ResidualConfig(variant="mhc")
+    with torch.device("meta"):
+        full, part = MHCTransformer(cfg, rcfg), MHCTransformer(cfg, rcfg)
+    full.to_empty(device="cpu")
+    full.init_weights(seed=7)
+    held = [part.blocks[1], part.head]  # an MoE block (stacked experts, router) and the head
+    for module in held:
+        module.to_empty(device="cpu")
+    part.init_weights(seed=7)
+    assert all(p.is_meta for p in part.blocks[0].parameters())  # left alone, no memory
+    for name, value in part.named_parameters():
+        if not value.is_meta:
+            assert torch.equal(value, full.get_parameter(name)), name
+    assert any(n.startswith("blocks.1.ffn.experts") for n, p in part.named_parameters() if not p.is_meta)
+    full_b = MHCTransformer(cfg, rcfg)  # another seed: other values
+    full_b.init_weights(seed=8)
+    assert not torch.equal(full_b.head.weight, full.head.weight)
+    assert full.head.weight.std().item() == pytest.approx(cfg.init_std, rel=0.05)

@@ -10,11 +10,15 @@ Init scheme (``init_weights``): every Linear, expert matrix, router and the embe
 are N(0, init_std); output projections of each sublayer (attention ``wo``, FFN/expert ``w2``)
 use init_std / sqrt(2 * n_layers) when ``scale_out_init`` (GPT-2's depth scaling, so the
 residual sum does not grow with depth); norms start at 1, router biases at 0, and each
-connection initialises itself (see mhc_train.residual).
+connection initialises itself (see mhc_train.residual). Every weight (every expert of a stacked
+expert weight) draws from its own generator seeded by (seed, its name): its values do not depend
+on which other weights exist in the process, so a pipeline rank that materialises only its stages
+(the rest stays on the meta device) gets exactly the values one process would.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -38,6 +42,11 @@ from mhc_train.residual import (
 )
 from mhc_train.residual.gains import GainReport
 from mhc_train.residual.recompute import PlainRegions, RecomputePlan, optimal_block_size, parse_recompute
+
+
+def param_seed(seed: int, name: str) -> int:
+    """The generator seed of one weight: a hash of the run's init seed and the weight's name."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 PLAIN_REGIONS = PlainRegions()
 
@@ -99,30 +108,43 @@ class MHCTransformer(nn.Module):
     # ---------------------------------------------------------------------------------- init
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every weight that is not on the meta device (module docstring). ``seed``
+        None: one draw from torch's global RNG (so ``torch.manual_seed`` still decides)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
         cfg = self.cfg
         std = cfg.init_std
         out_std = std / math.sqrt(2 * cfg.n_layers) if cfg.scale_out_init else std
-        for module in self.modules():
+        outputs = (".attn.wo", ".ffn.w2", ".ffn.shared.w2")  # each sublayer's output projection
+
+        def normal(name: str, weight: torch.Tensor, sd: float, per_row: bool = False) -> None:
+            if weight.is_meta:
+                return
+            rows = [(f"{name}[{i}]", weight[i]) for i in range(weight.shape[0])] if per_row else [(name, weight)]
+            for key, target in rows:  # generated on the CPU in fp32: the same values on any device
+                g = torch.Generator().manual_seed(param_seed(seed, key))
+                target.copy_(torch.empty(target.shape).normal_(0.0, sd, generator=g))
+
+        for mname, module in self.named_modules():
+            if any(p.is_meta for p in module.parameters(recurse=False)):
+                continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, RoutedExperts):
-                for w in (module.w1, module.w3):
-                    nn.init.normal_(w, 0.0, std)
-                nn.init.normal_(module.w2, 0.0, out_std)
+                normal(f"{mname}.weight", module.weight, out_std if mname.endswith(outputs) else std)
+            elif isinstance(module, RoutedExperts):  # one generator per expert: bounded host memory
+                normal(f"{mname}.w1", module.w1, std, per_row=True)
+                normal(f"{mname}.w3", module.w3, std, per_row=True)
+                normal(f"{mname}.w2", module.w2, out_std, per_row=True)
             elif isinstance(module, Router):
-                nn.init.normal_(module.weight, 0.0, std)
+                normal(f"{mname}.weight", module.weight, std)
                 module.expert_bias.zero_()
                 module.expert_load.zero_()
             elif isinstance(module, (RMSNorm, ResidualConnection, StreamContraction)):
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
-        for block in self.blocks:
-            nn.init.normal_(block.attn.wo.weight, 0.0, out_std)
-            if isinstance(block.ffn, SwiGLU):
-                nn.init.normal_(block.ffn.w2.weight, 0.0, out_std)
-            elif block.ffn.shared is not None:
-                nn.init.normal_(block.ffn.shared.w2.weight, 0.0, out_std)
+                phi_std = getattr(getattr(module, "cfg", None), "phi_init_std", 0.0)
+                if hasattr(module, "phi") and phi_std > 0:  # mHC's projection, when not zero
+                    normal(f"{mname}.phi", module.phi, phi_std)
 
     # ------------------------------------------------------------------------------- forward
 
@@ -179,9 +201,11 @@ class MHCTransformer(nn.Module):
         return torch.stack(losses).sum() if losses else None
 
     def update_router_biases(self, group=None) -> None:
-        """Aux-loss-free balancing: call after every optimizer step."""
+        """Aux-loss-free balancing: call after every optimizer step (layers this process does not
+        hold, on the meta device under pipeline parallelism, are skipped)."""
         for moe in self.moe_layers():
-            moe.router.update_bias(self.cfg.bias_update_speed, group=group)
+            if not moe.router.expert_load.is_meta:
+                moe.router.update_bias(self.cfg.bias_update_speed, group=group)
 
     def connections(self) -> list[ResidualConnection]:
         """The 2L connections in layer order (attention 1, FFN 1, attention 2, ...)."""
@@ -195,12 +219,11 @@ class MHCTransformer(nn.Module):
         self.eval()
         try:
             for c in conns:
-                c.record_mappings = True
+                c.start_recording()
             self(tokens)
             h = torch.stack([c.recorded_h_res for c in conns]).cpu()
         finally:
             for c in conns:
-                c.record_mappings = False
-                c.recorded_h_res = None
+                c.stop_recording()
             self.train(was_training)
         return composite_gains(h)

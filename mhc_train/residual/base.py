@@ -24,9 +24,22 @@ class ResidualConnection(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        # When set, read() keeps the token-averaged H_res for the gain metrics (no grad).
+        # While recording, read() sums H_res over the tokens it sees (no grad), over as many
+        # forwards as run (a pipeline stage sees one micro-batch per forward): recorded_h_res is
+        # their token average, for the gain metrics.
         self.record_mappings = False
-        self.recorded_h_res: torch.Tensor | None = None
+        self._h_res_sum: torch.Tensor | None = None
+        self._h_res_tokens = 0
+
+    def start_recording(self) -> None:
+        self.record_mappings, self._h_res_sum, self._h_res_tokens = True, None, 0
+
+    def stop_recording(self) -> None:
+        self.record_mappings, self._h_res_sum, self._h_res_tokens = False, None, 0
+
+    @property
+    def recorded_h_res(self) -> torch.Tensor | None:
+        return None if self._h_res_sum is None else self._h_res_sum / self._h_res_tokens
 
     def read(self, streams: torch.Tensor) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
@@ -36,7 +49,10 @@ class ResidualConnection(nn.Module):
 
     def _record(self, h_res: torch.Tensor) -> None:
         if self.record_mappings:
-            self.recorded_h_res = h_res.detach().float().reshape(-1, self.n, self.n).mean(dim=0)
+            h = h_res.detach().float().reshape(-1, self.n, self.n)
+            total = h.sum(dim=0)
+            self._h_res_sum = total if self._h_res_sum is None else self._h_res_sum + total
+            self._h_res_tokens += h.shape[0]
 
 
 class BaselineResidual(ResidualConnection):

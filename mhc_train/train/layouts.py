@@ -3,7 +3,8 @@
 The trainer owns the loop, the metrics, the skip logic and the checkpoints; a layout owns what
 differs between engines. All three share one shape of step:
 
-    layout.prepare()                       wrap the model / cut it into pipeline stages
+    layout.prepare()                       materialise this rank's weights (the model is built on the
+                                           meta device) and wrap it / cut it into pipeline stages
     optimizer over layout.optimized_module, layout.attach(optimizer)   (DeepSpeed: the engine)
     per step:
       forward_backward(batches, autocast, inject)  -> (loss, ce, aux) of this step, equal on all ranks
@@ -11,8 +12,8 @@ differs between engines. All three share one shape of step:
       update(grad_clip, allowed)                   -> (grad norm before clipping, applied?)
       zero_grad()
     eval_loss(inputs, targets, autocast)           -> mean CE of one validation batch (every rank)
-    reduce_sum(t), prepare_gains()                 validation totals over data-parallel ranks;
-                                                   the full model's weights where gains are computed
+    reduce_sum(t)                                  validation totals over data-parallel ranks
+    residual_gains(batch, sequences)               per-layer H_res and Amax gains (every rank)
     state_dicts() / load_state_dicts(...)          FQN-keyed model + optimizer state for DCP
 
 Layouts:
@@ -41,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mhc_train.model import MHCTransformer
+from mhc_train.residual import composite_gains
 from mhc_train.parallel.data_parallel import full_value, wrap_deepspeed, wrap_model
 from mhc_train.train.checkpoint import ModelState
 
@@ -78,7 +80,14 @@ class Layout:
         return self.model
 
     def prepare(self) -> None:
-        pass
+        self._materialize(self.model)
+
+    def _materialize(self, module: nn.Module) -> None:
+        """Allocate ``module``'s weights (meta until now) and initialise them: on the CPU, then moved,
+        so the values are the same whatever the device (``MHCTransformer.init_weights``)."""
+        module.to_empty(device="cpu")
+        self.model.init_weights(seed=self.cfg.train.seed)
+        module.to(self.device)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
@@ -95,13 +104,18 @@ class Layout:
             dist.all_reduce(values)
         return values
 
-    def reduce_router_loads(self, routers) -> None:
+    def reduce_router_loads(self, routers) -> list[torch.Tensor]:
+        """Every MoE layer's expert loads over all ranks (for the imbalance metric); the routers
+        this rank holds are left with them for the bias update."""
         if self.dp_world_size > 1:  # every rank's bias update must see the global loads
             for r in routers:
                 dist.all_reduce(r.expert_load)
+        return [r.expert_load for r in routers]
 
-    def prepare_gains(self) -> None:
-        """Make ``self.model`` hold the current weights of every layer (for residual_gains)."""
+    def residual_gains(self, batch, sequences: int):
+        """The gain report on the first ``sequences`` of a validation batch (every rank runs it:
+        FSDP's forward is collective)."""
+        return self.model.residual_gains(batch[0][:sequences])
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -126,6 +140,7 @@ class DataParallelLayout(Layout):
         self.mode = cfg.parallel.mode
 
     def prepare(self) -> None:
+        super().prepare()
         p, kwargs = self.cfg.parallel, {}
         if p.mode == "ddp":
             kwargs["find_unused_parameters"] = p.find_unused_parameters
@@ -259,9 +274,8 @@ class _RankStages(nn.Module):
 class PipelineLayout(Layout):
     """Pipeline parallelism over all ranks (``mhc_train.parallel.pipeline``).
 
-    Every rank builds the whole model with the run's seed (so the stages start from exactly the
-    single-process initialisation) and trains only its stages' parameters; the others stay as a
-    copy that ``prepare_gains`` refreshes from their owners when gains are computed."""
+    The model is built on the meta device; each rank materialises only its stages (their values
+    equal one process's: per-weight seeded init) and the rest never takes memory."""
 
     mode = "pipeline"
 
@@ -285,25 +299,7 @@ class PipelineLayout(Layout):
             self.model, p, self.rank, self.world_size, batch_size=t.batch_size, seq_len=t.seq_len,
             device=self.device, activation_dtype=torch.bfloat16 if self.bf16 else None)
         self.local = _RankStages(self.pipe.modules)
-        self._owner = self._owners()
-
-    def _owners(self) -> dict[str, int]:
-        """The rank whose stage trains each of the model's parameters and buffers."""
-        starts = [0]
-        for count in self.pipe.stage_blocks:
-            starts.append(starts[-1] + count)
-        last = len(self.pipe.stage_blocks) - 1
-
-        def stage_of(name: str) -> int:
-            if name.startswith("embed."):
-                return 0
-            if name.startswith("blocks."):
-                block = int(name.split(".")[1])
-                return next(s for s in range(last + 1) if starts[s] <= block < starts[s + 1])
-            return last
-
-        names = [n for n, _ in self.model.named_parameters()] + [n for n, _ in self.model.named_buffers()]
-        return {n: self.pipe.stage_ranks[stage_of(n)] for n in names}
+        self._materialize(self.local)
 
     def forward_backward(self, batches, autocast: Callable, inject: bool):
         (inputs, targets), = batches  # the pipeline's micro-batches accumulate (validated)
@@ -319,11 +315,17 @@ class PipelineLayout(Layout):
                     p.grad.fill_(float("nan"))
         return parts
 
-    def reduce_router_loads(self, routers) -> None:
-        # A layer's router counts only on its stage's rank (zeros elsewhere): the sum gives every
-        # rank the loads, and so the same bias update for every layer.
-        for r in routers:
-            dist.all_reduce(r.expert_load)
+    def reduce_router_loads(self, routers) -> list[torch.Tensor]:
+        # A layer's router lives on its stage's rank, which saw every token of the batch: its own
+        # loads are complete for its bias update; the metric gets all layers by one all-reduce.
+        if not routers:
+            return []
+        loads = torch.zeros(len(routers), routers[0].expert_load.shape[0], device=self.device)
+        for i, r in enumerate(routers):
+            if not r.expert_load.is_meta:
+                loads[i] = r.expert_load
+        dist.all_reduce(loads)
+        return list(loads)
 
     def update(self, grad_clip: float | None, allowed: bool) -> tuple[float, bool]:
         params = [p for p in self.local.parameters() if p.grad is not None]
@@ -344,11 +346,28 @@ class PipelineLayout(Layout):
             return self.pipe.evaluate(inputs, targets)
 
     @torch.no_grad()
-    def prepare_gains(self) -> None:
-        tensors = dict(self.model.named_parameters())
-        tensors.update(self.model.named_buffers())
-        for name, tensor in tensors.items():  # same order on every rank
-            dist.broadcast(tensor.data, src=self._owner[name])
+    def residual_gains(self, batch, sequences: int):
+        """H_res of every connection from a forward-only pass of a whole validation batch (the
+        stages have static micro-batch shapes, so ``sequences`` does not apply): each rank records
+        its stages' connections, one all-reduce assembles the layers (they are disjoint)."""
+        conns = {2 * int(index) + j: c for m in self.pipe.modules for index, block in m.blocks.items()
+                 for j, c in enumerate((block.attn_conn, block.ffn_conn))}
+        n = self.model.n_streams
+        h = torch.zeros(2 * len(self.model.blocks), n, n, device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        for c in conns.values():
+            c.start_recording()
+        try:
+            self.pipe.evaluate(*batch)
+            for layer, c in conns.items():
+                h[layer] = c.recorded_h_res
+        finally:
+            for c in conns.values():
+                c.stop_recording()
+            self.model.train(was_training)
+        dist.all_reduce(h)
+        return composite_gains(h.cpu())
 
 
 def _parts(loss: torch.Tensor, out) -> torch.Tensor:

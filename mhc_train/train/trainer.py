@@ -303,7 +303,8 @@ class Trainer:
             torch.manual_seed(t.seed)
             np.random.seed(t.seed % 2**32)
             random.seed(t.seed)
-            self.model = MHCTransformer(cfg.model, cfg.residual).to(self.device)
+            with torch.device("meta"):  # no memory yet: the layout materialises what this rank holds
+                self.model = MHCTransformer(cfg.model, cfg.residual)
             self.layout = make_layout(self.model, self.device, cfg, self.bf16)
             self.layout.prepare()  # before the optimizer: FSDP replaces the parameters, a pipeline cuts stages
             self.optimizer = build_optimizer(self.layout.optimized_module, lr=cfg.lr, betas=cfg.optim.betas,
@@ -319,8 +320,7 @@ class Trainer:
             self.val_loader = ValidationLoader(path, seq_len=t.seq_len, batch_size=t.batch_size,
                                                max_batches=t.eval_batches, split=cfg.data.val_split,
                                                rank=self.layout.dp_rank, world_size=self.layout.dp_world_size)
-            first_val = next(iter(self.val_loader))[0]
-            self.gain_tokens = first_val[: t.gains_sequences].to(self.device)
+            self.gain_batch = tuple(x.to(self.device) for x in next(iter(self.val_loader)))
             if source is not None:
                 self._restore(source)
                 log.info("resumed from %s at step %d", source, self.step)
@@ -434,9 +434,8 @@ class Trainer:
         inject = (self.step + 1) in t.inject_nonfinite_at
         loss_v, ce_v, aux_v = (float(x) for x in layout.forward_backward(batches, self.autocast, inject))
         routers = [m.router for m in model.moe_layers()]
-        layout.reduce_router_loads(routers)  # before the metric and the bias update
-        imbalance = [float(r.expert_load.max() / r.expert_load.mean()) for r in routers
-                     if float(r.expert_load.sum()) > 0]
+        loads = layout.reduce_router_loads(routers)  # before the metric and the bias update
+        imbalance = [float(load.max() / load.mean()) for load in loads if float(load.sum()) > 0]
         lr = self.optimizer.param_groups[0]["lr"]
         grad_v, applied = layout.update(t.grad_clip, allowed=math.isfinite(loss_v))
         skip_reason = None
@@ -494,9 +493,8 @@ class Trainer:
                           "val_ppl": math.exp(val) if val < 50 else float("inf"), "batches": count})
 
     def _gains(self) -> None:
-        self.layout.prepare_gains()
         with self.autocast():
-            report = self.model.residual_gains(self.gain_tokens)
+            report = self.layout.residual_gains(self.gain_batch, self.cfg.train.gains_sequences)
         gains = report.as_dict()
         record: dict[str, Any] = {"kind": "gains", "step": self.step, **gains, "h_res": report.h_res.tolist()}
         if self.is_main and self.cfg.logging.plots and self.cfg.residual.streams > 1:
