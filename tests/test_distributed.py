@@ -135,6 +135,10 @@ def test_deepspeed_config_follows_grad_clip():
 
     on = deepspeed_config(micro_batch=2, grad_accum=3, world_size=4, grad_clip=0.5, zero_stage=2, bf16=False)
     assert on["gradient_clipping"] == 0.5 and on["train_batch_size"] == 24 and on["zero_optimization"]["stage"] == 2
+    assert on["zero_optimization"]["reduce_bucket_size"] == 500_000_000  # DeepSpeed's default unless smaller
+    small = deepspeed_config(micro_batch=1, grad_accum=1, world_size=1, grad_clip=1.0, zero_stage=1, bf16=False,
+                             bucket_elements=1000)
+    assert small["zero_optimization"]["reduce_bucket_size"] == small["zero_optimization"]["allgather_bucket_size"] == 1000
     for off in (None, 0.0):  # DeepSpeed's own default would clip at 1.0
         assert deepspeed_config(micro_batch=1, grad_accum=1, world_size=1, grad_clip=off, zero_stage=1,
                                 bf16=False)["gradient_clipping"] == 0.0

@@ -93,8 +93,13 @@ def _skip_cpu_shm_op() -> None:
         ds_torch_comm.build_shm_op = lambda: None
 
 
+# DeepSpeed's default gradient bucket (5e8 elements, 2 GB in fp32) is allocated afresh every
+# micro-step; a bucket never needs to hold more than the model.
+DEFAULT_BUCKET_ELEMENTS = 500_000_000
+
+
 def deepspeed_config(*, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float | None,
-                     zero_stage: int, bf16: bool) -> dict[str, Any]:
+                     zero_stage: int, bf16: bool, bucket_elements: int = DEFAULT_BUCKET_ELEMENTS) -> dict[str, Any]:
     if zero_stage not in (1, 2):
         raise ValueError(f"parallel.zero_stage: DeepSpeed ZeRO stage 1 or 2, got {zero_stage}")
     return {
@@ -103,7 +108,8 @@ def deepspeed_config(*, micro_batch: int, grad_accum: int, world_size: int, grad
         "train_batch_size": micro_batch * grad_accum * world_size,
         # DeepSpeed clips at 1.0 when this is absent; ours comes from train.grad_clip (0 = off).
         "gradient_clipping": float(grad_clip or 0.0),
-        "zero_optimization": {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": True},
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": True,
+                              "reduce_bucket_size": int(bucket_elements), "allgather_bucket_size": int(bucket_elements)},
         "bf16": {"enabled": bool(bf16)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -121,8 +127,10 @@ def wrap_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, device: t
     if device.type == "cpu":
         _skip_cpu_shm_op()
 
+    n_params = sum(p.numel() for p in model.parameters())
     config = deepspeed_config(micro_batch=micro_batch, grad_accum=grad_accum, world_size=dist.get_world_size(),
-                              grad_clip=grad_clip, zero_stage=zero_stage, bf16=bf16)
+                              grad_clip=grad_clip, zero_stage=zero_stage, bf16=bf16,
+                              bucket_elements=min(DEFAULT_BUCKET_ELEMENTS, n_params))
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                       dist_init_required=False)
     return Wrapped(model, engine, "deepspeed", engine=engine, extra={"optimizer": ds_optimizer, "config": config})
