@@ -115,6 +115,13 @@ def test_ddp_fsdp_and_single_process_agree_across_resumes(env, tmp_path):
     fsdp_ckpt = fsdp / "checkpoints" / "step_0000004"
     assert len(list(fsdp_ckpt.glob("*.distcp"))) == 2  # one shard file per rank
 
+    # FSDP2 from scratch: each block materialised and initialised right before it is sharded
+    # starts from the single-process weights (per-weight seeded init)
+    torchrun(env, tmp_path, 2, o, "run_name=fsdp_scratch", "parallel=fsdp", "train.batch_size=2", "train.stop_at=2")
+    scratch = records(run_dir(out, "fsdp_scratch"))
+    assert [r["step"] for r in scratch] == [1, 2]
+    diffs += assert_close_to(reference, scratch, "fsdp from scratch")
+
     # one process (another data-parallel size, same global batch) from the sharded checkpoint
     python_run(env, tmp_path, o, "run_name=single", "train.batch_size=4", f"resume={fsdp_ckpt}")
     single_records = records(run_dir(out, "single"))

@@ -108,9 +108,10 @@ class MHCTransformer(nn.Module):
     # ---------------------------------------------------------------------------------- init
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Initialise every weight that is not on the meta device (module docstring). ``seed``
-        None: one draw from torch's global RNG (so ``torch.manual_seed`` still decides)."""
+    def init_weights(self, seed: int | None = None, only: nn.Module | None = None) -> None:
+        """Initialise every weight that is not on the meta device (module docstring), or only those
+        inside the submodule ``only``. ``seed`` None: one draw from torch's global RNG (so
+        ``torch.manual_seed`` still decides)."""
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         cfg = self.cfg
@@ -126,8 +127,11 @@ class MHCTransformer(nn.Module):
                 g = torch.Generator().manual_seed(param_seed(seed, key))
                 target.copy_(torch.empty(target.shape).normal_(0.0, sd, generator=g))
 
+        inside = None if only is None else {id(m) for m in only.modules()}
         for mname, module in self.named_modules():
             if any(p.is_meta for p in module.parameters(recurse=False)):
+                continue
+            if inside is not None and id(module) not in inside:
                 continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 normal(f"{mname}.weight", module.weight, out_std if mname.endswith(outputs) else std)

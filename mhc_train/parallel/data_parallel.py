@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -57,8 +57,13 @@ def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: boo
 
 
 def wrap_fsdp(model: nn.Module, device: torch.device, reshard_after_forward: bool = True,
-              mixed_precision: bool = False) -> Wrapped:
-    """FSDP2: one ``fully_shard`` group per transformer block, then the root."""
+              mixed_precision: bool = False,
+              materialize: Callable[[nn.Module], None] | None = None) -> Wrapped:
+    """FSDP2: one ``fully_shard`` group per transformer block, then the root.
+
+    ``materialize(module)``: for a model built on the meta device, allocates and initialises one
+    module's weights; it is called for each block right before that block is sharded, then for
+    the root's own modules, so a rank never holds more than one block's full weights."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -67,7 +72,13 @@ def wrap_fsdp(model: nn.Module, device: torch.device, reshard_after_forward: boo
     if mixed_precision:  # bf16 compute, fp32 gradient reduction and master weights
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.blocks:
+        if materialize is not None:
+            materialize(block)
         fully_shard(block, **kwargs)
+    if materialize is not None:
+        for name, child in model.named_children():
+            if name != "blocks":
+                materialize(child)
     fully_shard(model, **kwargs)
     return Wrapped(model, model, "fsdp")
 

@@ -86,7 +86,7 @@ class Layout:
         """Allocate ``module``'s weights (meta until now) and initialise them: on the CPU, then moved,
         so the values are the same whatever the device (``MHCTransformer.init_weights``)."""
         module.to_empty(device="cpu")
-        self.model.init_weights(seed=self.cfg.train.seed)
+        self.model.init_weights(seed=self.cfg.train.seed, only=module)
         module.to(self.device)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -140,13 +140,15 @@ class DataParallelLayout(Layout):
         self.mode = cfg.parallel.mode
 
     def prepare(self) -> None:
-        super().prepare()
         p, kwargs = self.cfg.parallel, {}
-        if p.mode == "ddp":
-            kwargs["find_unused_parameters"] = p.find_unused_parameters
-        elif p.mode == "fsdp":
-            kwargs["reshard_after_forward"] = p.reshard_after_forward
-            kwargs["mixed_precision"] = self.bf16
+        if p.mode == "fsdp" and _distributed():
+            # block by block: materialise, then shard, so no rank holds the whole model at once
+            kwargs.update(reshard_after_forward=p.reshard_after_forward, mixed_precision=self.bf16,
+                          materialize=self._materialize)
+        else:
+            super().prepare()
+            if p.mode == "ddp":
+                kwargs["find_unused_parameters"] = p.find_unused_parameters
         self.wrapped = wrap_model(self.model, p.mode, self.device, **kwargs)  # FSDP replaces the parameters
 
     def forward_backward(self, batches, autocast: Callable, inject: bool):
