@@ -302,3 +302,35 @@ def test_deepspeed_in_the_trainer_equals_one_process_and_shares_its_checkpoints(
     assert skipped["skip_reason"] == "non-finite loss" and skipped["skips_total"] == 1
     assert records(zero1, "run")[0]["config"]["parallel"]["mode"] == "deepspeed"
     print(f"max |loss - reference| over zero1 / zero2 / single steps: {max(diffs):.3g}")
+
+
+def test_fsdp_materialises_one_block_at_a_time(tmp_path):
+    """wrap_fsdp with a meta model: each block is materialised right before it is sharded, while
+    the later blocks are still on the meta device (a rank never holds the whole model)."""
+    import torch.distributed as dist
+
+    from mhc_train.model import MHCTransformer, load_model_config
+    from mhc_train.parallel.data_parallel import wrap_fsdp
+    from mhc_train.residual import ResidualConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with torch.device("meta"):
+            model = MHCTransformer(load_model_config("tiny"), ResidualConfig(variant="mhc"))
+        seen = []
+
+        def materialize(module):
+            later_blocks_meta = all(p.is_meta for b in model.blocks[len(seen) + 1:] for p in b.parameters())
+            seen.append((module, later_blocks_meta))
+            module.to_empty(device="cpu")
+            model.init_weights(seed=0, only=module)
+
+        wrap_fsdp(model, torch.device("cpu"), materialize=materialize)
+        blocks = [m for m, _ in seen[:len(model.blocks)]]
+        assert blocks == list(model.blocks) and all(ok for _, ok in seen[:len(model.blocks)])
+        assert {id(m) for m, _ in seen[len(model.blocks):]} == {id(model.embed), id(model.contract), id(model.norm),
+                                                                  id(model.head)}
+        assert not any(p.is_meta for p in model.parameters())
+        assert not any(b.is_meta for b in model.buffers())
+    finally:
+        dist.destroy_process_group()
