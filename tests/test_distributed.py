@@ -334,3 +334,21 @@ def test_fsdp_materialises_one_block_at_a_time(tmp_path):
         assert not any(b.is_meta for b in model.buffers())
     finally:
         dist.destroy_process_group()
+
+
+def test_pipeline_under_bf16_autocast_matches_one_process(env, tmp_path):
+    """bf16 autocast (the GPU default): the stage boundaries carry fp32 streams and the last stage
+    bf16 logits; a mismatch in the declared dtypes makes the ranks exchange buffers of different
+    sizes (gloo aborts). Losses against one process in bf16 within bf16 noise."""
+    out = tmp_path / "runs"
+    bf16 = [*PIPE_COMMON, f"output_root={out}", "train.precision=bf16", "train.steps=3", "train.stop_at=null"]
+    launch([sys.executable, "-m", "mhc_train.train", *bf16, "run_name=reference"], env, tmp_path)
+    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+            "mhc_train.train", *bf16, "run_name=pipe", "parallel=pipeline", "parallel.pipeline.schedule=dualpipev"],
+           env, tmp_path)
+    reference, pipe = records(run_dir(out, "reference")), records(run_dir(out, "pipe"))
+    assert [r["step"] for r in pipe] == [1, 2, 3]
+    for r, ref in zip(pipe, reference):
+        assert abs(r["loss"] - ref["loss"]) < 2e-2, (r["step"], r["loss"], ref["loss"])
+    val = records(run_dir(out, "pipe"), "val")
+    assert val and abs(val[-1]["val_loss"] - records(run_dir(out, "reference"), "val")[-1]["val_loss"]) < 2e-2

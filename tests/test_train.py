@@ -314,3 +314,22 @@ def test_sigterm_checkpoints_and_the_same_command_continues(cache, tmp_path, cap
     monkeypatch.setattr(Trainer, "_train_step", real_step)
     assert run(out, "train.steps=6") == 0
     assert [r["step"] for r in train_records(d)] == [1, 2, 3, 4, 5, 6]
+
+
+# --------------------------------------------------------------------------------- bf16
+
+
+def test_bf16_autocast_trains_every_variant(cache, tmp_path):
+    """train.precision=bf16 (the default on a GPU) on CPU autocast: MoE experts return bf16 into
+    fp32 streams; every variant trains, validates and takes gains with finite numbers."""
+    import json
+
+    out = tmp_path / "runs"
+    for variant in ("baseline", "hc", "mhc"):
+        assert run(out, f"residual={variant}", "train.precision=bf16", "train.steps=3", "train.eval_every=3",
+                   "train.gains_every=3", f"run_name={variant}") == 0
+        rows = [json.loads(line) for line in (run_dir(out, name=variant) / "metrics.jsonl").read_text().splitlines()]
+        run_row = next(r for r in rows if r["kind"] == "run")
+        assert run_row["precision"] == "bf16"
+        losses = [r["loss"] for r in rows if r["kind"] == "train"] + [r["val_loss"] for r in rows if r["kind"] == "val"]
+        assert len(losses) == 4 and all(isinstance(v, float) and 0 < v < 10 for v in losses), losses

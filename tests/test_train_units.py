@@ -141,7 +141,7 @@ def test_composition_errors_become_one_line(composer):
         assert line.startswith(message) and "\n" not in line
 
 
-def test_checkpoint_loads_when_some_parameters_have_no_optimizer_state(tmp_path):
+def test_checkpoint_loads_when_some_parameters_have_no_optimizer_state(tmp_path, caplog):
     # HC under residual.fix_post: the dynamic post weights never get a gradient, so AdamW never
     # creates their state and the checkpoint has none; loading must still work, and the model
     # itself must still be loaded strictly.
@@ -158,6 +158,9 @@ def test_checkpoint_loads_when_some_parameters_have_no_optimizer_state(tmp_path)
     path = CheckpointManager(tmp_path / "checkpoints", keep=2).save(1, ModelState(model, opt), {"step": 1}, {})
     fresh = MHCTransformer(cfg, ResidualConfig(variant="hc", fix_post=True))
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
-    assert load_checkpoint(path, ModelState(fresh, fresh_opt))["step"] == 1
+    with caplog.at_level("WARNING", logger="mhc_train.train"):
+        assert load_checkpoint(path, ModelState(fresh, fresh_opt))["step"] == 1
+    stateless = sum(p not in opt.state for p in model.parameters())
+    assert f"no optimizer state for {stateless} parameter(s)" in caplog.text  # said, not silent
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name

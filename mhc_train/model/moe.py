@@ -82,7 +82,8 @@ class RoutedExperts(nn.Module):
             outputs.append(F.linear(hidden, self.w2[expert]))
         y_sorted = torch.cat(outputs) if outputs else x_sorted.new_zeros(0, x.shape[-1])
         y_sorted = y_sorted * weights.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
-        return x.new_zeros(num_tokens, x.shape[-1]).index_add_(0, token_of, y_sorted)
+        # Under autocast the expert matmuls return bf16 while x stays fp32: combine in x's dtype.
+        return x.new_zeros(num_tokens, x.shape[-1]).index_add_(0, token_of, y_sorted.to(x.dtype))
 
 
 class MoE(nn.Module):

@@ -51,10 +51,12 @@ StateDict = dict[str, Any]
 
 def _param_groups(engine) -> list[tuple[list[nn.Parameter], torch.Tensor, dict[str, Any]]]:
     """(model parameters, flat fp32 partition, base optimizer group) per param group."""
-    zero = engine.optimizer  # DeepSpeedZeroOptimizer; .optimizer is the run's AdamW
-    # bit16_groups: the client optimizer's groups, in its order (model parameters, any dtype).
-    return [(params, group["params"][0], group)
-            for params, group in zip(zero.bit16_groups, zero.optimizer.param_groups)]
+    zero = engine.optimizer  # DeepSpeedZeroOptimizer or BF16_Optimizer; .optimizer is the run's AdamW
+    # The client optimizer's groups, in its order (model parameters, any dtype), under the name
+    # each wrapper uses: ZeRO-1/2 bit16_groups, BF16_Optimizer (bf16 with fp32 gradient
+    # accumulation, ZeRO-1) bf16_groups.
+    lp_groups = zero.bit16_groups if hasattr(zero, "bit16_groups") else zero.bf16_groups
+    return [(params, group["params"][0], group) for params, group in zip(lp_groups, zero.optimizer.param_groups)]
 
 
 def init_deepspeed_optimizer_state(engine) -> None:
@@ -95,7 +97,9 @@ def _fqns(model: nn.Module) -> dict[nn.Parameter, str]:
 
 def deepspeed_state_dicts(engine, model: nn.Module) -> tuple[StateDict, StateDict]:
     """(model state dict, optimizer state dict) as ``get_state_dict(model, AdamW)`` gives them for
-    the unwrapped model; full tensors on every rank. Collective: every rank must call it."""
+    the unwrapped model; full tensors on every rank, in host memory (each is moved off the device
+    as soon as it is gathered: the full fp32 weights and moments would not fit beside a model that
+    needs ZeRO). Collective: every rank must call it."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     init_deepspeed_optimizer_state(engine)
@@ -107,10 +111,10 @@ def deepspeed_state_dicts(engine, model: nn.Module) -> tuple[StateDict, StateDic
     for params, flat, group in _param_groups(engine):
         flat_state = base.state[flat]
         for p in params:
-            model_sd[fqns[p]] = safe_get_full_fp32_param(p)
+            model_sd[fqns[p]] = safe_get_full_fp32_param(p).cpu()
             # Tensors shaped like the partition are per-element (moments); the rest (step) is
             # one value for the whole group.
-            state[fqns[p]] = {key: safe_get_full_optimizer_state(p, key)
+            state[fqns[p]] = {key: safe_get_full_optimizer_state(p, key).cpu()
                               if torch.is_tensor(value) and value.shape == flat.shape else _copy(value)
                               for key, value in flat_state.items()}
         param_groups.append({**{k: v for k, v in group.items() if k != "params"},
@@ -119,7 +123,7 @@ def deepspeed_state_dicts(engine, model: nn.Module) -> tuple[StateDict, StateDic
 
 
 def _copy(value: Any) -> Any:
-    return value.detach().clone() if torch.is_tensor(value) else value
+    return value.detach().cpu().clone() if torch.is_tensor(value) else value
 
 
 @torch.no_grad()

@@ -601,6 +601,7 @@ def build_pipeline(
     group: dist.ProcessGroup | None = None,
     device: torch.device | str | None = None,
     activation_dtype: torch.dtype | None = None,
+    logits_dtype: torch.dtype | None = None,
     overlap: bool = True,
     overlap_concurrency: str = "auto",
     post_res_stream: bool = False,
@@ -611,8 +612,9 @@ def build_pipeline(
     ``microbatch_size`` x ``seq_len`` is one micro-batch: the stages are given static shapes, so
     no metadata-inference forward runs (it would push garbage through the routers and count it
     into their load statistics). ``activation_dtype`` is the dtype of the streams at the stage
-    boundaries and of the logits (default: the model's parameter dtype; set bf16 when the stages
-    run under bf16 autocast and produce bf16). ``overlap`` registers the DualPipe-style F&B handler
+    boundaries, ``logits_dtype`` that of the last stage's logits (default: the model's parameter
+    dtype for both; under bf16 autocast the streams stay fp32 - embedding and residual sums are
+    not autocast - while the head's logits are bf16). ``overlap`` registers the DualPipe-style F&B handler
     (dualpipev only; see ``mhc_train.parallel.overlap``).
     """
     schedule, spr = validate_pipeline(schedule_name, world_size, len(model.blocks), n_microbatches,
@@ -632,6 +634,7 @@ def build_pipeline(
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     dtype = activation_dtype or param.dtype
+    logits_dtype = logits_dtype or dtype
     mb, n, c = microbatch_size, model.n_streams, model.cfg.dim
     if post_res_stream and model.recompute_block_size() is not None and device.type == "cuda":
         warnings.warn("post_res_stream is off while residual recomputation is on: the recompute cache is not "
@@ -644,7 +647,8 @@ def build_pipeline(
         module = PipelineStageModule(model, s, num_stages, ranges[s], post_res_stream=post_res_stream)
         streams_meta = torch.empty(mb, seq_len, n, c, dtype=dtype, device="meta", requires_grad=True)
         inputs = torch.empty(mb, seq_len, dtype=torch.long, device="meta") if s == 0 else streams_meta
-        outputs = (torch.empty(mb, seq_len, model.cfg.vocab_size, dtype=dtype, device="meta", requires_grad=True)
+        outputs = (torch.empty(mb, seq_len, model.cfg.vocab_size, dtype=logits_dtype, device="meta",
+                               requires_grad=True)
                    if s == num_stages - 1 else streams_meta)
         stage = PipelineStage(module, s, num_stages, device, input_args=(inputs,), output_args=(outputs,),
                               group=group)

@@ -202,8 +202,10 @@ class MappingLogits(torch.autograd.Function):
 
 def _weight_grad(flat: torch.Tensor, g_proj: torch.Tensor) -> torch.Tensor:
     """phi's gradient flat^T @ g_proj ([nC, T] x [T, W]), computed as (g_proj^T @ flat)^T: the
-    same sums, in the orientation MKL runs faster for W = n^2 + 2n columns (measured on CPU)."""
-    return (g_proj.t() @ flat).t()
+    same sums, in the orientation MKL runs faster for W = n^2 + 2n columns (measured on CPU).
+    Returned contiguous like phi (nC x W floats): autograd warns about, and copies, a gradient
+    whose strides differ from its parameter's."""
+    return (g_proj.t() @ flat).t().contiguous()
 
 
 class PreMappings(torch.autograd.Function):

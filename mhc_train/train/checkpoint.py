@@ -222,8 +222,23 @@ def load_checkpoint(path: Path, state: ModelState) -> dict[str, Any]:
     except Exception as e:
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{path}: cannot load tensors ({first[-1] if first else type(e).__name__})") from None
+    _warn_missing_optimizer_state(path, tensors["optim"])
     state.load_state_dicts(tensors["model"], tensors["optim"])
     return trainer_state
+
+
+def _warn_missing_optimizer_state(path: Path, optim_sd: dict) -> None:
+    """Optimizer entries this run has and the checkpoint lacks start fresh: say how many (the
+    hyper-parameters in param_groups come from this run's config anyway)."""
+    try:
+        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    except Exception:  # unreadable metadata already failed the load above
+        return
+    missing = [k for k in optim_sd if k.startswith("state.") and f"optim.{k}" not in saved]
+    if missing:
+        params = sorted({k[len("state."):].rsplit(".", 1)[0] for k in missing})
+        log.warning("%s: no optimizer state for %d parameter(s) (e.g. %s); their AdamW moments start at zero",
+                    path, len(params), params[0])
 
 
 # ----------------------------------------------------------------------------- RNG state

@@ -157,6 +157,8 @@ class DataParallelLayout(Layout):
         for i, (inputs, targets) in enumerate(batches):
             # DDP: all-reduce the gradients once per step, in the last micro-batch's backward
             sync = forward.no_sync() if self.wrapped.mode == "ddp" and i < accum - 1 else contextlib.nullcontext()
+            if self.wrapped.mode == "fsdp":  # likewise: reduce-scatter once, after the last micro-batch
+                forward.set_requires_gradient_sync(i == accum - 1)
             with sync:
                 with autocast():
                     out = forward(inputs, targets)
@@ -299,7 +301,7 @@ class PipelineLayout(Layout):
         t, p = self.cfg.train, self.cfg.parallel.pipeline
         self.pipe = build_pipeline_from_config(
             self.model, p, self.rank, self.world_size, batch_size=t.batch_size, seq_len=t.seq_len,
-            device=self.device, activation_dtype=torch.bfloat16 if self.bf16 else None)
+            device=self.device, logits_dtype=torch.bfloat16 if self.bf16 else None)  # streams stay fp32
         self.local = _RankStages(self.pipe.modules)
         self._materialize(self.local)
 
