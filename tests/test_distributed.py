@@ -211,7 +211,6 @@ def test_a_signal_on_one_rank_stops_all_ranks_at_the_same_step(env, tmp_path):
 # 2 ranks x 2 stages each hold one; validation and gains every 2 steps.
 PIPE_COMMON = [*(o for o in COMMON if not o.startswith(("train.grad_accum", "train.eval_every", "train.gains_every"))),
                "model.n_layers=4", "train.batch_size=4", "train.eval_every=2", "train.gains_every=2",
-               "train.gains_sequences=4",  # a pipeline takes the gains over a whole validation batch
                "parallel.pipeline.microbatches=4"]
 
 

@@ -351,9 +351,15 @@ class PipelineLayout(Layout):
 
     @torch.no_grad()
     def residual_gains(self, batch, sequences: int):
-        """H_res of every connection from a forward-only pass of a whole validation batch (the
-        stages have static micro-batch shapes, so ``sequences`` does not apply): each rank records
-        its stages' connections, one all-reduce assembles the layers (they are disjoint)."""
+        """H_res of every connection from a forward-only pass (each rank records its stages'
+        connections, one all-reduce assembles the layers: they are disjoint). The stages have
+        static shapes, so the batch keeps its size: the first ``sequences`` repeated to fill it
+        (the same token average as over those sequences alone) when they divide it, else the
+        whole batch."""
+        inputs, targets = batch
+        if sequences < inputs.shape[0] and inputs.shape[0] % sequences == 0:
+            repeats = inputs.shape[0] // sequences
+            batch = (inputs[:sequences].repeat(repeats, 1), targets[:sequences].repeat(repeats, 1))
         conns = {2 * int(index) + j: c for m in self.pipe.modules for index, block in m.blocks.items()
                  for j, c in enumerate((block.attn_conn, block.ffn_conn))}
         n = self.model.n_streams
