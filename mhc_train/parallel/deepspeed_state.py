@@ -163,3 +163,26 @@ def load_deepspeed_state_dicts(engine, model: nn.Module, model_sd: StateDict, op
                     steps.append(value)
         if steps:  # ZeRO keeps one step per group
             flat_state["step"].copy_(max(steps, key=float))
+
+
+def flatten_optimizer_state(nested: dict) -> dict:
+    """``{"state": {fqn: {k: v}}, "param_groups": [{..., "params": [fqn]}]}`` -> the flat form of
+    ``get_state_dict(..., flatten_optimizer_state_dict=True)``: ``state.<fqn>.<k>`` and
+    ``param_groups.<fqn>.<k>`` (so checkpoints of every layout share their keys)."""
+    flat = {f"state.{fqn}.{k}": v for fqn, entries in nested["state"].items() for k, v in entries.items()}
+    for group in nested["param_groups"]:
+        for fqn in group["params"]:
+            flat.update({f"param_groups.{fqn}.{k}": v for k, v in group.items() if k != "params"})
+    return flat
+
+
+def nest_optimizer_state(flat: dict, groups: list[list[str]]) -> dict:
+    """The inverse of ``flatten_optimizer_state`` for the given groups of parameter names."""
+    state: dict = {}
+    hyper: dict = {}
+    for key, value in flat.items():
+        kind, rest = key.split(".", 1)
+        fqn, entry = rest.rsplit(".", 1)
+        (state if kind == "state" else hyper).setdefault(fqn, {})[entry] = value
+    return {"state": state,
+            "param_groups": [{**(hyper.get(names[0], {}) if names else {}), "params": list(names)} for names in groups]}

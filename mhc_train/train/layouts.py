@@ -224,7 +224,7 @@ class DeepSpeedLayout(Layout):
             return self.model(inputs, targets).ce_loss.float()
 
     def state_dicts(self) -> tuple[dict, dict]:
-        from mhc_train.parallel.deepspeed_state import deepspeed_state_dicts
+        from mhc_train.parallel.deepspeed_state import deepspeed_state_dicts, flatten_optimizer_state
 
         model_sd, optim_sd = deepspeed_state_dicts(self.engine, self.model)
         # The groups' names, to nest a loaded flat state again (a load always builds this template first).
@@ -232,32 +232,9 @@ class DeepSpeedLayout(Layout):
         return model_sd, flatten_optimizer_state(optim_sd)
 
     def load_state_dicts(self, model_sd: dict, optim_sd: dict) -> None:
-        from mhc_train.parallel.deepspeed_state import load_deepspeed_state_dicts
+        from mhc_train.parallel.deepspeed_state import load_deepspeed_state_dicts, nest_optimizer_state
 
         load_deepspeed_state_dicts(self.engine, self.model, model_sd, nest_optimizer_state(optim_sd, self._groups))
-
-
-def flatten_optimizer_state(nested: dict) -> dict:
-    """``{"state": {fqn: {k: v}}, "param_groups": [{..., "params": [fqn]}]}`` -> the flat form of
-    ``get_state_dict(..., flatten_optimizer_state_dict=True)``: ``state.<fqn>.<k>`` and
-    ``param_groups.<fqn>.<k>`` (so checkpoints of every layout share their keys)."""
-    flat = {f"state.{fqn}.{k}": v for fqn, entries in nested["state"].items() for k, v in entries.items()}
-    for group in nested["param_groups"]:
-        for fqn in group["params"]:
-            flat.update({f"param_groups.{fqn}.{k}": v for k, v in group.items() if k != "params"})
-    return flat
-
-
-def nest_optimizer_state(flat: dict, groups: list[list[str]]) -> dict:
-    """The inverse of ``flatten_optimizer_state`` for the given groups of parameter names."""
-    state: dict = {}
-    hyper: dict = {}
-    for key, value in flat.items():
-        kind, rest = key.split(".", 1)
-        fqn, entry = rest.rsplit(".", 1)
-        (state if kind == "state" else hyper).setdefault(fqn, {})[entry] = value
-    return {"state": state,
-            "param_groups": [{**(hyper.get(names[0], {}) if names else {}), "params": list(names)} for names in groups]}
 
 
 class _RankStages(nn.Module):
