@@ -274,6 +274,62 @@ def test_res_mix_in_read_gradcheck():
     assert torch.autograd.gradcheck(connection, (x, phi, alpha, bias, y))
 
 
+def test_res_mix_streams_are_stored_stream_major_and_chain_exactly():
+    # The torch path keeps the streams in [n, T, C] memory: the write's output, and the gradient
+    # the read returns, are stored that way; a second connection reads them without a copy and
+    # its backward hands stream-major gradients to the first. Two chained connections, fed
+    # standard-layout streams, pass gradcheck against finite differences in float64.
+    from mhc_train.residual.ops import apply_post, mhc_read_res_mix
+
+    g = torch.Generator().manual_seed(11)
+    n, c = 3, 4
+    x = torch.randn(2, 3, n, c, generator=g, dtype=torch.float64, requires_grad=True)
+    ys = [torch.randn(2, 3, c, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    params = []
+    for _ in range(2):
+        params += [(torch.randn(n * c, n * n + 2 * n, generator=g, dtype=torch.float64) * 0.3).requires_grad_(True),
+                   torch.tensor([0.7, 1.3, 0.9], dtype=torch.float64, requires_grad=True),
+                   torch.randn(n * n + 2 * n, generator=g, dtype=torch.float64, requires_grad=True)]
+
+    def stream_major(t):
+        return t.movedim(-2, 0).is_contiguous()
+
+    def two_connections(x, y0, y1, *p):
+        streams, outs = x, []
+        for y, (phi, alpha, bias) in zip((y0, y1), (p[:3], p[3:])):
+            u, h_pre, h_post, h_res, res_x = mhc_read_res_mix(streams, phi, alpha, bias, 4, eps=1e-6)
+            streams = apply_post(res_x, y, h_post, streams.dtype)
+            assert stream_major(streams) and not streams._is_view()
+            outs += [u, h_res]
+        return (*outs, streams)
+
+    assert torch.autograd.gradcheck(two_connections, (x, *ys, *params))
+    out = two_connections(x, *ys, *params)[-1]
+    grad_x, = torch.autograd.grad(out.sum(-2).pow(2).sum(), x)  # stride-0 upstream gradient
+    assert stream_major(grad_x)
+
+
+def test_mapping_maths_stays_fp32_under_bf16_autocast():
+    # Autocast would run the projection in bf16 (and refuses in-place products of mixed dtypes):
+    # the read's mappings and mix, and their gradients, are the fp32 ones under autocast too.
+    from mhc_train.residual.ops import apply_post, mhc_read_res_mix
+
+    x, phi, alpha, bias = random_inputs((2, 8), 4, 16)
+    phi = phi * 3  # logits of ~10: bf16 rounding of x . phi would show
+
+    def run(autocast: bool):
+        leaves = [t.clone().requires_grad_(True) for t in (x, phi, alpha, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            u, h_pre, h_post, h_res, res_x = mhc_read_res_mix(*leaves, 20)
+            out = apply_post(res_x, u.float(), h_post, torch.float32)
+        (out.square().sum() + h_res.square().sum()).backward()
+        return [h_pre, h_post, h_res, out] + [t.grad for t in leaves]
+
+    for got, want in zip(run(True), run(False)):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_row_dot_blocks_match_one_product(monkeypatch):
     # _row_dot walks the tokens in cache-sized blocks on CPU; a last, partial block included.
     from mhc_train.residual import torch_ops

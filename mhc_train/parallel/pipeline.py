@@ -349,6 +349,20 @@ def plan_stage_blocks(model: MHCTransformer, num_stages: int, stage_blocks: Sequ
 # ------------------------------------------------------------------------ stage module
 
 
+class _StandardLayoutGrad(torch.autograd.Function):
+    """Identity on a stage's input streams whose backward hands their gradient on in the standard
+    layout: the runtime sends it to the previous stage, p2p sends need contiguous tensors, and
+    the torch path's mHC read returns it stored stream-major."""
+
+    @staticmethod
+    def forward(ctx, streams):
+        return streams.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 class _InjectAuxLoss(torch.autograd.Function):
     """Identity on the stage output whose backward also sends gradient 1 into the stage's
     balance loss (scaled with the micro-batch like the cross-entropy), so the loss term lives
@@ -427,7 +441,7 @@ class PipelineStageModule(nn.Module):
             if x.dim() != 4 or x.shape[-2] != self.n_streams or x.shape[-1] != self.cfg.dim:
                 raise ValueError(f"stage {self.stage_index}: expected streams [b, S, {self.n_streams}, "
                                  f"{self.cfg.dim}], got {tuple(x.shape)}")
-            streams = x
+            streams = _StandardLayoutGrad.apply(x) if x.requires_grad else x
         rope = self.rope(x.shape[1], x.device)
         regions = self._regions(x)
         for block in self.blocks.values():
@@ -436,8 +450,10 @@ class PipelineStageModule(nn.Module):
         aux = self._take_balance_loss()
         if aux is not None:
             out = _InjectAuxLoss.apply(out, aux)
-        if out._is_view():  # the runtime detaches outputs in place and sends them
-            out = out.clone()
+        if out._is_view() or not out.is_contiguous():
+            # The runtime detaches outputs in place and sends them, and p2p sends need the
+            # standard layout (the torch path's mHC streams are stored stream-major).
+            out = out.clone(memory_format=torch.contiguous_format)
         return out
 
     def _take_balance_loss(self) -> torch.Tensor | None:

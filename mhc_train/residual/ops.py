@@ -14,7 +14,15 @@ from __future__ import annotations
 import torch
 
 from mhc_train.residual.sinkhorn import sinkhorn_knopp_torch
-from mhc_train.residual.torch_ops import ApplyPost, ApplyPostRes, ApplyPre, MappingLogits, PreMappings, at_least_fp32
+from mhc_train.residual.torch_ops import (
+    ApplyPost,
+    ApplyPostRes,
+    ApplyPre,
+    MappingLogits,
+    PreMappings,
+    ReadResMix,
+    at_least_fp32,
+)
 
 BACKENDS = ("torch", "triton", "auto")
 
@@ -158,7 +166,7 @@ def mhc_pre_mappings(
         return kernel(x, phi, alpha, bias, int(t_max), eps)
     n, _ = _check_mapping_inputs(x, phi, alpha, bias)
     _check(int(t_max) >= 1, f"t_max must be >= 1, got {t_max}")
-    return PreMappings.apply(x, phi, _gate(alpha, n), bias, int(t_max), float(eps), False)
+    return PreMappings.apply(x, phi, _gate(alpha, n), bias, int(t_max), float(eps))
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +241,7 @@ def mhc_read_res_mix(
     """
     n, _ = _check_mapping_inputs(x, phi, alpha, bias)
     _check(int(t_max) >= 1, f"t_max must be >= 1, got {t_max}")
-    return PreMappings.apply(x, phi, _gate(alpha, n), bias, int(t_max), float(eps), True)
+    return ReadResMix.apply(x, phi, _gate(alpha, n), bias, int(t_max), float(eps))
 
 
 def apply_post(res_x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -16,14 +16,34 @@ CPU notes that shaped the code (measured inside a training step, 2048 tokens, n 
   multiplies and sums blocks of tokens through one cache-sized temporary, 2x faster.
 - Stream gradients are returned as fresh tensors, not views: autograd can add another gradient
   of the same tensor into such a tensor in place instead of allocating a third one.
+- The model's read (``ReadResMix``) and write (``ApplyPost``) keep the streams stored
+  stream-major ([n, T, C] memory behind the logical [..., n, C] tensor): a per-token n x n mix
+  is then n bmm calls that each write a contiguous [T, C] plane, ~2x faster than one bmm of
+  n x n matrices whose output rows interleave (2-3% of the whole step).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from mhc_train.residual.sinkhorn import sinkhorn_forward, sinkhorn_recompute
+
+
+def fp32_maths(fn):
+    """Run a Function's forward or backward with autocast off: the mappings' maths is fp32 for
+    any activation dtype (autocast would run its matmuls in bf16, and refuses the in-place
+    products of an fp32 buffer with bf16 operands)."""
+
+    @functools.wraps(fn)
+    def run(ctx, *args):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(ctx, *args)
+
+    return run
 
 
 def _flat(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
@@ -124,7 +144,7 @@ class ApplyPostRes(torch.autograd.Function):
 class ApplyPost(torch.autograd.Function):
     """out = res_x + h_post^T y: the write of a connection whose read already mixed the streams.
 
-    res_x [..., n, C] (= H_res x, fp32, from ``PreMappings`` with ``res_mix``), y [..., C],
+    res_x [..., n, C] (= H_res x, fp32, from ``ReadResMix``), y [..., C],
     h_post [..., n] -> [..., n, C] in ``out_dtype``. When that is fp32 the sum is written into
     res_x (a buffer nothing else uses) instead of a new stream-sized tensor. The gradient of
     res_x is the incoming gradient itself; H_res and x get theirs in the read's backward, which
@@ -146,17 +166,18 @@ class ApplyPost(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         y, h_post = ctx.saved_tensors
-        n, c = g.shape[-2:]
-        # Contiguous for the bmm below and for the read's (the last write's gradient arrives
-        # with a stride-0 stream axis).
-        g32 = at_least_fp32(g).contiguous()
-        g3 = _flat(g32, n, c)
+        lead, (n, c) = g.shape[:-2], g.shape[-2:]
+        # Stream-major like res_x (a copy only for a gradient stored otherwise: the last write's
+        # arrives with a stride-0 stream axis from the stream sum before the head).
+        g_sm = _stream_major(at_least_fp32(g), n, c)
+        g_tnc = g_sm.transpose(0, 1)
         grad_y = grad_post = None
         if ctx.needs_input_grad[1]:
-            grad_y = _stream_sum(at_least_fp32(h_post), g3).reshape(y.shape).to(y.dtype)
+            grad_y = _stream_sum(at_least_fp32(h_post).reshape(-1, n), g_tnc).reshape(y.shape).to(y.dtype)
         if ctx.needs_input_grad[2]:
-            grad_post = _row_dot(g3, at_least_fp32(y)).reshape(h_post.shape).to(h_post.dtype)
-        return g32.to(ctx.res_x_dtype), grad_y, grad_post, None
+            grad_post = _row_dot(g_tnc, at_least_fp32(y)).reshape(h_post.shape).to(h_post.dtype)
+        grad_res_x = g_sm.view(n, *lead, c).movedim(0, -2).to(ctx.res_x_dtype)
+        return grad_res_x, grad_y, grad_post, None
 
 
 class MappingLogits(torch.autograd.Function):
@@ -168,6 +189,7 @@ class MappingLogits(torch.autograd.Function):
     """
 
     @staticmethod
+    @fp32_maths
     def forward(ctx, x, phi, gate, bias, eps: float):
         x32 = at_least_fp32(x)
         proj = x32 @ at_least_fp32(phi)  # [T, W]
@@ -179,6 +201,7 @@ class MappingLogits(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @fp32_maths
     def backward(ctx, g):
         x, phi, gate, proj, inv_r = ctx.saved_tensors
         x32 = at_least_fp32(x)
@@ -214,15 +237,13 @@ class PreMappings(torch.autograd.Function):
     x [..., n, C], phi [nC, W], gate [W], bias [W] -> u [..., C] (x's dtype), h_pre, h_post
     [..., n], h_res [..., n, n] (fp32). One node instead of seven means one gradient for the
     streams (mapping and aggregation terms written into one buffer) instead of two that autograd
-    adds, and no stream-sized temporaries for the RMS and outer-product terms.
-
-    With ``res_mix`` it also returns H_res x ([..., n, C], fp32) for ``ApplyPost``: then the
-    stream gradient of the res mix (H_res^T g) lands in the same buffer too, and the write
-    never sees x. H_res itself is not saved: the backward recomputes Sinkhorn anyway.
+    adds, and no stream-sized temporaries for the RMS and outer-product terms. (The model's
+    torch path uses ``ReadResMix``, which also mixes the streams.)
     """
 
     @staticmethod
-    def forward(ctx, x, phi, gate, bias, t_max: int, eps: float, res_mix: bool):
+    @fp32_maths
+    def forward(ctx, x, phi, gate, bias, t_max: int, eps: float):
         lead, (n, c) = x.shape[:-2], x.shape[-2:]
         x3 = at_least_fp32(_flat(x, n, c))
         t = x3.shape[0]
@@ -235,60 +256,163 @@ class PreMappings(torch.autograd.Function):
         h_res = sinkhorn_forward(logits[:, 2 * n :].reshape(t, n, n), t_max)
         u = _stream_sum(h_pre, x3).view(*lead, c).to(x.dtype)
         ctx.save_for_backward(x, phi, gate, proj, inv_r, logits, h_pre, h_post)
-        ctx.t_max, ctx.bias_dtype = t_max, bias.dtype
+        ctx.t_max, ctx.bias_dtype, ctx.stream_numel = t_max, bias.dtype, n * c
         ctx.set_materialize_grads(False)  # unused outputs (often h_pre, h_res) cost nothing
-        outs = (u, h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n))
-        if res_mix:  # a tensor of its own, not a view: ApplyPost writes into it
-            res_x = torch.empty(x.shape, dtype=x3.dtype, device=x3.device)
-            torch.bmm(h_res, x3, out=_flat(res_x, n, c))
-            outs += (res_x,)
-        return outs
+        return u, h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_u, g_pre, g_post, g_res, g_res_x=None):
+    @fp32_maths
+    def backward(ctx, g_u, g_pre, g_post, g_res):
         x, phi, gate, proj, inv_r, logits, h_pre, h_post = ctx.saved_tensors
         n, c = x.shape[-2:]
         x3 = at_least_fp32(_flat(x, n, c))
         t = x3.shape[0]
         zeros = lambda shape: torch.zeros(shape, dtype=logits.dtype, device=logits.device)  # noqa: E731
         g_u = at_least_fp32(g_u).reshape(t, c) if g_u is not None else zeros((t, c))
-        # d loss / d H_res: from H_res x (res_mix), plus any direct use of h_res.
         g_h_res = g_res.reshape(t, n, n) if g_res is not None else None
-        if g_res_x is not None:
-            g_res_x = _flat(at_least_fp32(g_res_x), n, c).contiguous()  # ApplyPost's already is
-            from_mix = torch.bmm(g_res_x, x3.transpose(1, 2))
-            g_h_res = from_mix if g_h_res is None else from_mix + g_h_res
-        if g_h_res is not None:
-            h_res, sinkhorn_vjp = sinkhorn_recompute(logits[:, 2 * n :].reshape(t, n, n), ctx.t_max)
-        # d loss / d H_pre: from u = H_pre x, plus any direct use of h_pre.
-        g_h_pre = _row_dot(x3, g_u)
-        if g_pre is not None:
-            g_h_pre += g_pre.reshape(t, n)
-        d_pre = g_h_pre * h_pre * (1.0 - h_pre)  # sigmoid'
-        d_post = (g_post.reshape(t, n) * h_post * (1.0 - 0.5 * h_post)) if g_post is not None else zeros((t, n))
-        d_res = sinkhorn_vjp(g_h_res).reshape(t, n * n) if g_h_res is not None else zeros((t, n * n))
-        g_logits = torch.cat([d_pre, d_post, d_res], dim=-1)  # [T, W]
-        gate32 = at_least_fp32(gate)
-        g_proj = g_logits * gate32 * inv_r
+        g_h_pre = _row_dot(x3, g_u)  # d loss / d H_pre: from u = H_pre x, plus any direct use
+        g_logits, coef, _ = _mapping_grads(ctx, logits, proj, inv_r, gate, h_pre, h_post, g_h_pre, g_pre, g_post, g_h_res)
+        g_proj = g_logits * at_least_fp32(gate) * inv_r
         flat = x3.reshape(t, n * c)
-        grad_x = grad_phi = grad_gate = grad_bias = None
+        grad_x = grad_phi = None
         if ctx.needs_input_grad[0]:
             # One buffer, not a view (see top), for every term of the streams' gradient.
             grad_x = torch.empty(x.shape, dtype=g_logits.dtype, device=g_logits.device)
             grad_flat = grad_x.view(t, n * c)
             torch.mm(g_proj, at_least_fp32(phi).t(), out=grad_flat)
-            if g_res_x is not None:
-                grad_x.view(t, n, c).baddbmm_(h_res.transpose(1, 2), g_res_x)  # from H_res x
-            # d inv_r / d x = -inv_r^3 x / (nC), summed against g_logits * gate * proj.
-            coef = -(g_logits * gate32 * proj).sum(dim=-1, keepdim=True) * inv_r.pow(3) / (n * c)
             grad_flat.addcmul_(coef, flat)
             grad_x.view(t, n, c).addcmul_(h_pre.unsqueeze(-1), g_u.unsqueeze(1))  # from u = H_pre x
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_phi = _weight_grad(flat, g_proj).to(phi.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_gate = (g_logits * proj * inv_r).sum(dim=0).to(gate.dtype)
-        if ctx.needs_input_grad[3]:
-            grad_bias = g_logits.sum(dim=0).to(ctx.bias_dtype)
-        return grad_x, grad_phi, grad_gate, grad_bias, None, None, None
+        return (grad_x, grad_phi, *_gate_bias_grads(ctx, g_logits, proj, inv_r, gate), None, None)
+
+
+def _mapping_grads(ctx, logits, proj, inv_r, gate, h_pre, h_post, g_h_pre, g_pre, g_post, g_h_res):
+    """d loss / d logits [T, W] through sigmoid, 2 sigmoid and Sinkhorn (recomputed); the RMS
+    term's per-token coefficient [T, 1] (d loss / d x gets coef * x, from d inv_r / d x =
+    -inv_r^3 x / (nC) summed against g_logits * gate * proj); the recomputed H_res [T, n, n]
+    (None when H_res got no gradient). ``g_*`` None: that output was unused."""
+    t, n = h_pre.shape
+    zeros = lambda shape: torch.zeros(shape, dtype=logits.dtype, device=logits.device)  # noqa: E731
+    if g_pre is not None:
+        g_h_pre = g_h_pre + g_pre.reshape(t, n)
+    d_pre = g_h_pre * h_pre * (1.0 - h_pre)  # sigmoid'
+    d_post = (g_post.reshape(t, n) * h_post * (1.0 - 0.5 * h_post)) if g_post is not None else zeros((t, n))
+    h_res = None
+    if g_h_res is not None:
+        h_res, sinkhorn_vjp = sinkhorn_recompute(logits[:, 2 * n :].reshape(t, n, n), ctx.t_max)
+        d_res = sinkhorn_vjp(g_h_res).reshape(t, n * n)
+    else:
+        d_res = zeros((t, n * n))
+    g_logits = torch.cat([d_pre, d_post, d_res], dim=-1)
+    coef = -(g_logits * at_least_fp32(gate) * proj).sum(dim=-1, keepdim=True) * inv_r.pow(3) / ctx.stream_numel
+    return g_logits, coef, h_res
+
+
+def _gate_bias_grads(ctx, g_logits, proj, inv_r, gate):
+    grad_gate = (g_logits * proj * inv_r).sum(dim=0).to(gate.dtype) if ctx.needs_input_grad[2] else None
+    grad_bias = g_logits.sum(dim=0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+    return grad_gate, grad_bias
+
+
+def _stream_major(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
+    """``[..., n, C] -> [n, T, C]`` contiguous: a view when x is stored stream-major (what
+    ``ReadResMix`` and ``ApplyPost`` produce), else a copy."""
+    sm = x.movedim(-2, 0).reshape(n, -1, c)
+    return sm if sm.is_contiguous() else sm.contiguous()
+
+
+def _new_stream_major(lead, n: int, c: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh ``[*lead, n, C]`` tensor stored stream-major (not a view: ``ApplyPost`` writes
+    into it in place, which autograd forbids on a view made inside a custom Function), and its
+    ``[n, T, C]`` view."""
+    strides = torch.empty((n, *lead, c), device="meta").movedim(0, -2).stride()
+    out = torch.empty_strided((*lead, n, c), strides, dtype=like.dtype, device=like.device)
+    return out, out.movedim(-2, 0).reshape(n, -1, c)
+
+
+def _rows_bmm(mats: torch.Tensor, v_tnc: torch.Tensor, out_sm: torch.Tensor) -> None:
+    """out_sm[i] = per-token (row i of mats [T, n, n]) @ v [T, n, C]: each row is one M = 1 bmm
+    writing a contiguous [T, C] plane: in a CPU training step (2048 tokens, C = 256) the four
+    take 1.1-1.3 ms, one bmm of 4 x 4 matrices (whose output rows interleave) 2-3 ms."""
+    t, n, c = v_tnc.shape
+    for i in range(n):
+        torch.bmm(mats[:, i : i + 1].contiguous(), v_tnc, out=out_sm[i].view(t, 1, c))
+
+
+class ReadResMix(torch.autograd.Function):
+    """The read of the torch path: ``PreMappings`` plus res_x = H_res x for ``ApplyPost``.
+
+    x [..., n, C], phi [nC, W], gate [W], bias [W] -> (u, h_pre, h_post, h_res, res_x), res_x
+    [..., n, C] fp32. The write adds H_post^T y into res_x and never sees x, so the streams'
+    whole gradient (mix, projection, RMS and H_pre terms) is written by this node into one buffer.
+
+    The streams it makes (res_x, and the gradient it returns for x) are stored stream-major: the
+    logical [..., n, C] tensor lives in memory as [n, T, C]. Then every per-token n x n product
+    writes whole [T, C] planes (``_rows_bmm``) and the projection is one bmm over the n streams:
+    the connection's cheapest eager layout on CPU (docs/benchmarks.md, eager floor). Input
+    streams stored otherwise (the embedding's, a pipeline stage's) are copied once.
+    """
+
+    @staticmethod
+    @fp32_maths
+    def forward(ctx, x, phi, gate, bias, t_max: int, eps: float):
+        lead, (n, c) = x.shape[:-2], x.shape[-2:]
+        x_sm = _stream_major(x, n, c)
+        xs = at_least_fp32(x_sm)  # [n, T, C]
+        x_tnc = xs.transpose(0, 1)  # [T, n, C] view
+        t, w = xs.shape[1], phi.shape[-1]
+        phi3 = at_least_fp32(phi).view(n, c, w)
+        proj = xs[0] @ phi3[0]  # sum_i x_i phi_i: n matmuls into one [T, W] (a bmm + sum is slower)
+        for i in range(1, n):
+            proj.addmm_(xs[i], phi3[i])
+        # Per-stream norms, then their sum: one norm over (0, 2) is 2-3x slower on CPU.
+        inv_r = torch.rsqrt(torch.linalg.vector_norm(xs, dim=-1).pow(2).sum(dim=0).unsqueeze(-1) / (n * c) + eps)
+        logits = torch.addcmul(at_least_fp32(bias), inv_r * proj, at_least_fp32(gate))
+        h_pre = torch.sigmoid(logits[:, :n])
+        h_post = 2.0 * torch.sigmoid(logits[:, n : 2 * n])
+        h_res = sinkhorn_forward(logits[:, 2 * n :].reshape(t, n, n), t_max)
+        u = _stream_sum(h_pre, x_tnc).view(*lead, c).to(x.dtype)
+        res_x, res_sm = _new_stream_major(lead, n, c, xs)
+        _rows_bmm(h_res, x_tnc, res_sm)
+        ctx.save_for_backward(x_sm, phi, gate, proj, inv_r, logits, h_pre, h_post)
+        ctx.t_max, ctx.bias_dtype, ctx.lead, ctx.x_dtype, ctx.stream_numel = t_max, bias.dtype, lead, x.dtype, n * c
+        ctx.set_materialize_grads(False)  # unused outputs (often h_pre, h_res) cost nothing
+        return u, h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n), res_x
+
+    @staticmethod
+    @once_differentiable
+    @fp32_maths
+    def backward(ctx, g_u, g_pre, g_post, g_res, g_res_x):
+        x_sm, phi, gate, proj, inv_r, logits, h_pre, h_post = ctx.saved_tensors
+        n, t, c = x_sm.shape
+        w = phi.shape[-1]
+        xs = at_least_fp32(x_sm)
+        x_tnc = xs.transpose(0, 1)
+        g_u = at_least_fp32(g_u).reshape(t, c) if g_u is not None else xs.new_zeros(t, c)
+        g_sm = _stream_major(at_least_fp32(g_res_x), n, c) if g_res_x is not None else None
+        # d loss / d H_res: from res_x = H_res x, plus any direct use of h_res.
+        g_h_res = g_res.reshape(t, n, n) if g_res is not None else None
+        if g_sm is not None:
+            from_mix = torch.bmm(g_sm.transpose(0, 1), x_tnc.transpose(1, 2))
+            g_h_res = from_mix if g_h_res is None else from_mix + g_h_res
+        g_logits, coef, h_res = _mapping_grads(ctx, logits, proj, inv_r, gate, h_pre, h_post,
+                                               _row_dot(x_tnc, g_u), g_pre, g_post, g_h_res)
+        g_proj = (g_logits * at_least_fp32(gate) * inv_r).expand(n, t, w)
+        phi3 = at_least_fp32(phi).view(n, c, w)
+        grad_x = grad_phi = None
+        if ctx.needs_input_grad[0]:
+            grad_x, grad_sm = _new_stream_major(ctx.lead, n, c, xs)
+            if g_sm is not None:
+                _rows_bmm(h_res.transpose(1, 2), g_sm.transpose(0, 1), grad_sm)  # H_res^T g
+                grad_sm.baddbmm_(g_proj, phi3.transpose(1, 2))  # projection term
+            else:
+                torch.bmm(g_proj, phi3.transpose(1, 2), out=grad_sm)
+            grad_sm.addcmul_(coef.view(1, t, 1), xs)  # RMS term
+            grad_sm.addcmul_(h_pre.t().unsqueeze(-1), g_u.unsqueeze(0))  # u = H_pre x
+            grad_x = grad_x.to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_phi = torch.bmm(xs.transpose(1, 2), g_proj).view(n * c, w).to(phi.dtype)
+        return (grad_x, grad_phi, *_gate_bias_grads(ctx, g_logits, proj, inv_r, gate), None, None)
