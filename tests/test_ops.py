@@ -309,6 +309,48 @@ def test_res_mix_streams_are_stored_stream_major_and_chain_exactly():
     assert stream_major(grad_x)
 
 
+@pytest.mark.parametrize("n, dtype, use_write", [(1, torch.float32, True), (4, torch.bfloat16, True),
+                                                (4, torch.float32, False)])
+def test_res_mix_chain_matches_the_public_ops(n, dtype, use_write):
+    # Two chained connections (the second reads stream-major streams, the first gets a
+    # stream-major gradient) against mhc_pre_mappings + apply_post_res; n = 1, bf16 streams,
+    # and a chain whose last write output is unused (no gradient reaches its res_x).
+    from mhc_train.residual.ops import apply_post, mhc_read_res_mix
+
+    c = 6
+    x, phi0, alpha, bias0 = random_inputs((2, 3), n, c, seed=1)
+    _, phi1, _, bias1 = random_inputs((2, 3), n, c, seed=2)
+    x = x.to(dtype)
+    ys = [torch.randn(2, 3, c, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (3, 4)]
+
+    def run(split):
+        leaves = [t.clone().requires_grad_(True) for t in (x, phi0, bias0, phi1, bias1, *ys)]
+        streams, loss = leaves[0], 0.0
+        for (phi, bias), y in zip((leaves[1:3], leaves[3:5]), leaves[5:]):
+            if split:
+                u, _, h_post, h_res, res_x = mhc_read_res_mix(streams, phi, alpha, bias, 10)
+                out = apply_post(res_x, y, h_post, streams.dtype)
+            else:
+                u, _, h_post, h_res = mhc_pre_mappings(streams, phi, alpha, bias, 10)
+                out = apply_post_res(streams, y, h_post, h_res)
+            loss = loss + (u.float() ** 2).sum() + (h_res ** 2).sum()
+            streams = out
+        if use_write:
+            loss = loss + (streams.float().sum(-2) ** 2).sum()
+        loss.backward()
+        return streams, [t.grad for t in leaves]
+
+    out_split, grads_split = run(True)
+    out_ref, grads_ref = run(False)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out_split.float(), out_ref.float(), atol=tol, rtol=tol)
+    for got, want in zip(grads_split, grads_ref):
+        if want is None:
+            assert got is None
+            continue
+        assert torch.allclose(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
+
+
 def test_mapping_maths_stays_fp32_under_bf16_autocast():
     # Autocast would run the projection in bf16 (and refuses in-place products of mixed dtypes):
     # the read's mappings and mix, and their gradients, are the fp32 ones under autocast too.

@@ -236,7 +236,7 @@ def test_stage_chain_equals_the_model_bitwise(variant, recompute):
         if not stage.is_first:  # what the pipeline runtime does at a boundary: a fresh leaf
             x = x.detach().requires_grad_(True)
         y = stage(x)
-        assert not y._is_view()
+        assert not y._is_view() and y.is_contiguous()  # p2p sends need the standard layout
         if not stage.is_last:
             assert y.shape == (2, 12, model.n_streams, model.cfg.dim)
         pairs.append((x, y))
@@ -249,6 +249,16 @@ def test_stage_chain_equals_the_model_bitwise(variant, recompute):
         y.backward(x_next.grad)
     for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
         assert torch.equal(p.grad, q.grad), name
+
+
+def test_stage_input_gradient_has_the_standard_layout():
+    # The runtime sends a stage input's gradient to the previous stage; the torch path's mHC read
+    # returns it stored stream-major, and p2p sends need contiguous tensors.
+    model = tiny("mhc", "off")
+    stage = chain(model, [1, 2])[1]
+    x = torch.randn(2, 5, model.n_streams, model.cfg.dim, requires_grad=True)
+    (grad,) = torch.autograd.grad(stage(x).sum(), x)
+    assert grad.is_contiguous()
 
 
 def test_recompute_blocks_restart_at_the_stage_start():

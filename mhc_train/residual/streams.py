@@ -9,10 +9,8 @@ from mhc_train.residual.config import ResidualConfig
 
 
 def expand_streams(h: torch.Tensor, n: int) -> torch.Tensor:
-    """``[B, S, C] -> [B, S, n, C]`` by replication (HC section 2.1), stored stream-major
-    (``[n, B, S, C]`` in memory): the layout the torch path's mHC connections keep
-    (residual/torch_ops.py), so the first one reads the embedding's streams without a copy."""
-    return h.unsqueeze(0).expand(n, *h.shape).contiguous().movedim(0, -2)
+    """``[B, S, C] -> [B, S, n, C]`` by replication (HC section 2.1)."""
+    return h.unsqueeze(-2).expand(*h.shape[:-1], n, h.shape[-1]).contiguous()
 
 
 class StreamContraction(nn.Module):

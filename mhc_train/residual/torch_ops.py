@@ -377,7 +377,9 @@ class ReadResMix(torch.autograd.Function):
         u = _stream_sum(h_pre, x_tnc).view(*lead, c).to(x.dtype)
         res_x, res_sm = _new_stream_major(lead, n, c, xs)
         _rows_bmm(h_res, x_tnc, res_sm)
-        ctx.save_for_backward(x_sm, phi, gate, proj, inv_r, logits, h_pre, h_post)
+        # x itself, not x_sm: where x_sm is a copy (streams stored otherwise) the caller keeps x
+        # alive anyway, and the backward rebuilds the copy as a temporary.
+        ctx.save_for_backward(x, phi, gate, proj, inv_r, logits, h_pre, h_post)
         ctx.t_max, ctx.bias_dtype, ctx.lead, ctx.x_dtype, ctx.stream_numel = t_max, bias.dtype, lead, x.dtype, n * c
         ctx.set_materialize_grads(False)  # unused outputs (often h_pre, h_res) cost nothing
         return u, h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n), res_x
@@ -386,10 +388,10 @@ class ReadResMix(torch.autograd.Function):
     @once_differentiable
     @fp32_maths
     def backward(ctx, g_u, g_pre, g_post, g_res, g_res_x):
-        x_sm, phi, gate, proj, inv_r, logits, h_pre, h_post = ctx.saved_tensors
-        n, t, c = x_sm.shape
-        w = phi.shape[-1]
-        xs = at_least_fp32(x_sm)
+        x, phi, gate, proj, inv_r, logits, h_pre, h_post = ctx.saved_tensors
+        n, c = x.shape[-2:]
+        xs = at_least_fp32(_stream_major(x, n, c))
+        t, w = xs.shape[1], phi.shape[-1]
         x_tnc = xs.transpose(0, 1)
         g_u = at_least_fp32(g_u).reshape(t, c) if g_u is not None else xs.new_zeros(t, c)
         g_sm = _stream_major(at_least_fp32(g_res_x), n, c) if g_res_x is not None else None
