@@ -9,7 +9,7 @@ import torch
 from mhc_train.bench import eager_floor
 
 
-def test_every_form_computes_the_same_as_the_torch_path():
+def test_every_form_of_a_group_computes_the_same():
     forms = eager_floor.connection_forms(tokens=24, n=4, c=8, t_max=5)
     assert all(len(variants) >= 2 for variants in forms.values())
     eager_floor.check_forms_agree(forms)
@@ -45,5 +45,6 @@ def test_report_floor_is_the_sum_of_the_fastest_forms(capsys):
     rows = re.findall(r"^(?:projection|RMS|mixes|sinkhorn|grads).*?\s([\d.]+)   ", out, flags=re.M)
     floor = re.search(r"floor \(sum of the fastest forms\)\s+([\d.]+)", out)
     assert budget and floor and len(rows) == 9, out
-    assert abs(sum(map(float, rows)) - float(floor.group(1))) < 0.02
+    # Nine figures and the floor, each rounded to 0.01 ms.
+    assert abs(sum(map(float, rows)) - float(floor.group(1))) <= 0.005 * (len(rows) + 1) + 1e-9
     assert re.search(r"the eager floor is (above|within) the budget", out)

@@ -65,7 +65,8 @@ def _log_sinkhorn_backward(logits_nnt: torch.Tensor, grad_nnt: torch.Tensor, t_m
 
 def connection_forms(tokens: int, n: int, c: int, t_max: int) -> dict[str, list[Form]]:
     """Everything one connection computes over the streams, in groups -> equivalent forms (name,
-    callable returning the group's outputs), the first being the torch path's. A group lists
+    callable returning the group's outputs), the first being the form the torch path uses
+    (residual/torch_ops.py: streams stored stream-major). A group lists
     every merge of its ops into fewer library calls that eager torch allows; operands such a merge
     needs side by side (x next to y, g next to g_u) are prepared outside the timing, which only
     makes the bound lower. Random operands of the step's shapes, fp32."""
@@ -136,6 +137,14 @@ def connection_forms(tokens: int, n: int, c: int, t_max: int) -> dict[str, list[
     def contractions_stream_major():
         return torch.bmm(g_tv, x_tv.transpose(1, 2)), _row_dot(g_tv, y), _row_dot(x_tv, g_u)
 
+    phi3 = phi.view(n, c, w)
+
+    def projection_per_stream():
+        proj = x_sm[0] @ phi3[0]
+        for i in range(1, n):
+            proj.addmm_(x_sm[i], phi3[i])
+        return proj
+
     def contractions_separate():
         return torch.bmm(g3, x3.transpose(1, 2)), _row_dot(g3, y), _row_dot(x3, g_u)
 
@@ -149,44 +158,50 @@ def connection_forms(tokens: int, n: int, c: int, t_max: int) -> dict[str, list[
 
     return {
         "projection x.phi": [
+            ("stream-major: n addmm", projection_per_stream),
             ("x @ phi", lambda: x @ phi),
             ("(phi^T x^T)^T", lambda: (phi_t @ x.t()).t()),
             ("linear(x, phi^T)", lambda: torch.nn.functional.linear(x, phi_t)),
         ],
         "RMS of x": [
+            ("stream-major: per-stream norms", lambda: torch.linalg.vector_norm(x_sm, dim=-1).square().sum(0).sqrt()),
             ("vector_norm", lambda: torch.linalg.vector_norm(x, dim=-1)),
             ("sqrt(sum x^2)", lambda: x.pow(2).sum(dim=-1).sqrt()),
         ],
         "mixes H_pre x, H_res x + H_post^T y": [
+            ("stream-major: bmm, n row bmm", mixes_stream_major),
             ("bmm, bmm, addcmul", mixes_separate),
             ("bmm [pre;res], addcmul", mixes_pre_res),
             ("bmm, bmm [res|post] [x;y]", lambda: (stream_sum(h_pre, x3), torch.bmm(res_post, x_y))),
-            ("stream-major: bmm, n row bmm", mixes_stream_major),
         ],
         "sinkhorn forward": [
             ("token-last sum/div", lambda: sinkhorn_forward(logits, t_max)),
             ("log_softmax", lambda: torch.exp(_log_sinkhorn(logits_nnt, t_max)).permute(2, 0, 1)),
         ],
-        "projection grad x": [
-            ("g @ phi^T", lambda: g_proj @ phi.t()),
-            ("g @ contiguous phi^T", lambda: g_proj @ phi_t),
-            ("(phi g^T)^T", lambda: (phi @ g_proj.t()).t()),
+        "projection grad x": [  # [T, n, C] views of the [T, nC] result
+            ("stream-major: bmm over streams",
+             lambda: torch.bmm(g_proj.expand(n, tokens, w), phi3.transpose(1, 2)).transpose(0, 1)),
+            ("g @ phi^T", lambda: (g_proj @ phi.t()).view(tokens, n, c)),
+            ("g @ contiguous phi^T", lambda: (g_proj @ phi_t).view(tokens, n, c)),
+            ("(phi g^T)^T", lambda: (phi @ g_proj.t()).t().view(tokens, n, c)),
         ],
         "projection grad phi": [
+            ("stream-major: bmm over streams",
+             lambda: torch.bmm(x_sm.transpose(1, 2), g_proj.expand(n, tokens, w)).view(n * c, w)),
             ("(g^T x)^T", lambda: (g_proj.t() @ x).t()),
             ("x^T @ g", lambda: x.t() @ g_proj),
         ],
         "grads over C: H_res, H_post, H_pre": [
+            ("stream-major: bmm, row dots", contractions_stream_major),
             ("bmm, row dot, row dot", contractions_separate),
             ("bmm g [x;y]^T, row dot", contractions_x_y),
             ("bmm [g_u;g] x^T, row dot", contractions_gu_g),
-            ("stream-major: bmm, row dots", contractions_stream_major),
         ],
         "grads over n: x (mix, pre, RMS), y": [
+            ("stream-major: n row bmm, bmm", sums_stream_major),
             ("bmm, 2 addcmul, bmm", sums_separate),
             ("bmm [res^T;post], 2 addcmul", sums_res_post),
             ("bmm [res^T|pre|coef I], bmm", lambda: (torch.bmm(mix_all, g_gu_x), stream_sum(h_post, g3))),
-            ("stream-major: n row bmm, bmm", sums_stream_major),
         ],
         "sinkhorn recompute+vjp": [
             ("token-last sum/div", lambda: sinkhorn_recompute(logits, t_max)[1](g_h)),
