@@ -38,7 +38,7 @@ from mhc_train.bench.model_step import VARIANTS, step_fn
 from mhc_train.model import MHCTransformer, load_model_config
 from mhc_train.residual import ResidualConfig
 from mhc_train.residual.sinkhorn import sinkhorn_forward, sinkhorn_recompute
-from mhc_train.residual.torch_ops import _row_dot
+from mhc_train.residual.torch_ops import _row_dot, _rows_bmm, _stream_sum as stream_sum
 
 Form = tuple[str, Callable[[], torch.Tensor]]
 TARGET = 1.25
@@ -98,10 +98,6 @@ def connection_forms(tokens: int, n: int, c: int, t_max: int) -> dict[str, list[
     # which one M = 1 bmm writes directly (x_tv, g_tv: the same memory seen as [T, n, C]).
     x_sm, g_sm = (t.permute(1, 0, 2).contiguous() for t in (x3, g3))
     x_tv, g_tv = x_sm.permute(1, 0, 2), g_sm.permute(1, 0, 2)
-    rows = {name: [m[:, i : i + 1].contiguous() for i in range(n)] for name, m in (("res", h_res), ("res_t", h_res_t))}
-
-    def stream_sum(h, v3):  # [T, k] x [T, k, C] -> [T, C]
-        return torch.bmm(h[:, None], v3)[:, 0]
 
     def mixes_separate():
         out = torch.bmm(h_res, x3)
@@ -119,18 +115,17 @@ def connection_forms(tokens: int, n: int, c: int, t_max: int) -> dict[str, list[
         both = torch.bmm(rest_post, g3)
         return both[:, :n].addcmul_(h_pre[:, :, None], g_u[:, None]).addcmul_(coef[:, :, None], x3), both[:, n]
 
-    def rows_into(out_sm, row_mats, v_tv):  # out[i] = per-token (row i of M) @ v, stream-major
-        for i, row in enumerate(row_mats):
-            torch.bmm(row, v_tv, out=out_sm[i].view(tokens, 1, c))
+    def rows_into(out_sm, mats, v_tv):  # the torch path's stream-major mix
+        _rows_bmm(mats, v_tv, out_sm)
         return out_sm
 
     def mixes_stream_major():
-        out = rows_into(x_sm.new_empty(n, tokens, c), rows["res"], x_tv)
+        out = rows_into(x_sm.new_empty(n, tokens, c), h_res, x_tv)
         out.addcmul_(h_post.t()[:, :, None], y[None])
         return stream_sum(h_pre, x_tv), out.permute(1, 0, 2)
 
     def sums_stream_major():
-        gx = rows_into(g_sm.new_empty(n, tokens, c), rows["res_t"], g_tv)
+        gx = rows_into(g_sm.new_empty(n, tokens, c), h_res.transpose(1, 2), g_tv)
         gx.addcmul_(h_pre.t()[:, :, None], g_u[None]).addcmul_(coef[None], x_sm)
         return gx.permute(1, 0, 2), stream_sum(h_post, g_tv)
 

@@ -250,10 +250,7 @@ class PreMappings(torch.autograd.Function):
         flat = x3.reshape(t, n * c)
         proj = flat @ at_least_fp32(phi)
         inv_r = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).pow(2) / (n * c) + eps)
-        logits = torch.addcmul(at_least_fp32(bias), inv_r * proj, at_least_fp32(gate))
-        h_pre = torch.sigmoid(logits[:, :n])
-        h_post = 2.0 * torch.sigmoid(logits[:, n : 2 * n])
-        h_res = sinkhorn_forward(logits[:, 2 * n :].reshape(t, n, n), t_max)
+        logits, h_pre, h_post, h_res = _mappings(proj, inv_r, gate, bias, n, t_max)
         u = _stream_sum(h_pre, x3).view(*lead, c).to(x.dtype)
         ctx.save_for_backward(x, phi, gate, proj, inv_r, logits, h_pre, h_post)
         ctx.t_max, ctx.bias_dtype, ctx.stream_numel = t_max, bias.dtype, n * c
@@ -287,6 +284,15 @@ class PreMappings(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_phi = _weight_grad(flat, g_proj).to(phi.dtype)
         return (grad_x, grad_phi, *_gate_bias_grads(ctx, g_logits, proj, inv_r, gate), None, None)
+
+
+def _mappings(proj, inv_r, gate, bias, n: int, t_max: int):
+    """Eq 16-19 from the projection [T, W] and 1/RMS [T, 1]: (logits, H_pre, H_post, H_res)."""
+    logits = torch.addcmul(at_least_fp32(bias), inv_r * proj, at_least_fp32(gate))
+    h_pre = torch.sigmoid(logits[:, :n])
+    h_post = 2.0 * torch.sigmoid(logits[:, n : 2 * n])
+    h_res = sinkhorn_forward(logits[:, 2 * n :].reshape(-1, n, n), t_max)
+    return logits, h_pre, h_post, h_res
 
 
 def _mapping_grads(ctx, logits, proj, inv_r, gate, h_pre, h_post, g_h_pre, g_pre, g_post, g_h_res):
@@ -351,29 +357,24 @@ class ReadResMix(torch.autograd.Function):
 
     The streams it makes (res_x, and the gradient it returns for x) are stored stream-major: the
     logical [..., n, C] tensor lives in memory as [n, T, C]. Then every per-token n x n product
-    writes whole [T, C] planes (``_rows_bmm``) and the projection is one bmm over the n streams:
-    the connection's cheapest eager layout on CPU (docs/benchmarks.md, eager floor). Input
-    streams stored otherwise (the embedding's, a pipeline stage's) are copied once.
+    writes whole [T, C] planes (``_rows_bmm``): the cheapest eager form of the mixes on CPU
+    (docs/benchmarks.md, eager floor). Input streams stored otherwise (the embedding's, a
+    pipeline stage's) are copied, in the forward and again in the backward, not kept twice.
     """
 
     @staticmethod
     @fp32_maths
     def forward(ctx, x, phi, gate, bias, t_max: int, eps: float):
         lead, (n, c) = x.shape[:-2], x.shape[-2:]
-        x_sm = _stream_major(x, n, c)
-        xs = at_least_fp32(x_sm)  # [n, T, C]
+        xs = at_least_fp32(_stream_major(x, n, c))  # [n, T, C]
         x_tnc = xs.transpose(0, 1)  # [T, n, C] view
-        t, w = xs.shape[1], phi.shape[-1]
-        phi3 = at_least_fp32(phi).view(n, c, w)
+        phi3 = at_least_fp32(phi).view(n, c, phi.shape[-1])
         proj = xs[0] @ phi3[0]  # sum_i x_i phi_i: n matmuls into one [T, W] (a bmm + sum is slower)
         for i in range(1, n):
             proj.addmm_(xs[i], phi3[i])
         # Per-stream norms, then their sum: one norm over (0, 2) is 2-3x slower on CPU.
         inv_r = torch.rsqrt(torch.linalg.vector_norm(xs, dim=-1).pow(2).sum(dim=0).unsqueeze(-1) / (n * c) + eps)
-        logits = torch.addcmul(at_least_fp32(bias), inv_r * proj, at_least_fp32(gate))
-        h_pre = torch.sigmoid(logits[:, :n])
-        h_post = 2.0 * torch.sigmoid(logits[:, n : 2 * n])
-        h_res = sinkhorn_forward(logits[:, 2 * n :].reshape(t, n, n), t_max)
+        logits, h_pre, h_post, h_res = _mappings(proj, inv_r, gate, bias, n, t_max)
         u = _stream_sum(h_pre, x_tnc).view(*lead, c).to(x.dtype)
         res_x, res_sm = _new_stream_major(lead, n, c, xs)
         _rows_bmm(h_res, x_tnc, res_sm)
