@@ -15,7 +15,6 @@ import torch
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 
 from mhc_train.model import MHCTransformer, load_model_config
-from mhc_train.parallel.overlap import OverlapFBHandler
 from mhc_train.parallel.pipeline import (
     PipelineConfigError,
     PipelineStageModule,
@@ -31,6 +30,7 @@ from mhc_train.parallel.pipeline import (
     stage_to_rank,
     validate_pipeline,
 )
+from mhc_train.parallel.pipeline.overlap import OverlapFBHandler
 from mhc_train.residual import ResidualConfig
 from mhc_train.residual.recompute import RecomputePlan
 

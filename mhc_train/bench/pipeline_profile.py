@@ -73,7 +73,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.pipelining.schedules as torch_schedules
 
-import mhc_train.parallel.overlap as overlap_module
+import mhc_train.parallel.pipeline.overlap as overlap_module
 from mhc_train.bench.model_step import VARIANTS
 from mhc_train.model import MHCTransformer, load_model_config
 from mhc_train.parallel import simulator
