@@ -33,3 +33,19 @@ def subprocess_env(tmp_path_factory) -> dict:
         else:
             os.environ["MHC_TRAIN_CACHE"] = old
     return env
+
+
+@pytest.fixture(scope="module")
+def composer():
+    """``composer(*overrides)``: the trainer's composed config (``configs/config.yaml``), as the
+    ``mhc-train`` command would build it from those overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mhc_train.train.config import CONFIG_DIR, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        yield lambda *overrides: compose("config", overrides=list(overrides))
+    GlobalHydra.instance().clear()

@@ -157,7 +157,7 @@ def test_deepspeed_config_follows_grad_clip():
     (["parallel=ddp", "parallel.mode=pipe"], "parallel.mode: must be one of single, ddp, fsdp, deepspeed, pipeline"),
     (["parallel=fsdp", "parallel.backend=mpi"], "parallel.backend: must be auto, nccl or gloo"),
     (["parallel=ddp", "parallel.timeout_s=0"], "parallel.timeout_s: must be > 0 seconds"),
-    (["parallel=pipeline", "train.grad_accum=2"], "train.grad_accum: with parallel=pipeline the micro-batches accumulate"),
+    (["parallel=pipeline", "train.grad_accum=2"], "train.grad_accum: with pipeline stages the micro-batches accumulate"),
     (["parallel=pipeline", "parallel.pipeline.schedule=pipedream"], "parallel.pipeline.schedule: unknown schedule"),
     (["parallel=pipeline", "parallel.pipeline.schedule=dualpipev"],  # tiny: 3 blocks, 2 ranks x 2 stages
      "parallel.pipeline.stages_per_rank: 4 stages (2 ranks x 2) need at least one block each"),

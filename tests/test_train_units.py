@@ -6,12 +6,11 @@ import re
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from mhc_train.model import MHCTransformer, load_model_config
 from mhc_train.residual import ResidualConfig
 from mhc_train.train.app import hydra_error_message
-from mhc_train.train.config import CONFIG_DIR, ConfigError, register_configs, validate
+from mhc_train.train.config import ConfigError, validate
 from mhc_train.train.optim import build_optimizer, split_decay
 from mhc_train.train.schedule import build_scheduler, lr_multiplier
 
@@ -91,17 +90,6 @@ def test_no_weight_decay_groups(variant):
 
 
 # ---------------------------------------------------------------------------------- config
-
-
-@pytest.fixture(scope="module")
-def composer():
-    register_configs()
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        yield lambda *overrides: compose("config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
 
 
 def test_default_config_is_small_mhc_on_bundled_data(composer):

@@ -51,6 +51,17 @@ def param_seed(seed: int, name: str) -> int:
 PLAIN_REGIONS = PlainRegions()
 
 
+def _local_part(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """(the tensor to fill, the global index of its first element, or None when it is whole): a
+    DTensor (the routed experts under expert parallelism) holds only its shard."""
+    if not hasattr(weight, "device_mesh"):
+        return weight, None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    return weight.to_local(), tuple(offset)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, rcfg: ResidualConfig, index: int) -> None:
         super().__init__()
@@ -120,9 +131,17 @@ class MHCTransformer(nn.Module):
         outputs = (".attn.wo", ".ffn.w2", ".ffn.shared.w2")  # each sublayer's output projection
 
         def normal(name: str, weight: torch.Tensor, sd: float, per_row: bool = False) -> None:
+            weight, offset = _local_part(weight)  # a DTensor shard (experts under EP): its own rows only
             if weight.is_meta:
                 return
-            rows = [(f"{name}[{i}]", weight[i]) for i in range(weight.shape[0])] if per_row else [(name, weight)]
+            if per_row:
+                first = offset[0] if offset is not None else 0
+                rows = [(f"{name}[{first + i}]", weight[i]) for i in range(weight.shape[0])]
+            elif offset is not None:
+                raise ValueError(f"{name}: a sharded weight is initialised before sharding (only stacked "
+                                 "expert weights are sharded first, and row by row)")
+            else:
+                rows = [(name, weight)]
             for key, target in rows:  # generated on the CPU in fp32: the same values on any device
                 g = torch.Generator().manual_seed(param_seed(seed, key))
                 target.copy_(torch.empty(target.shape).normal_(0.0, sd, generator=g))

@@ -56,30 +56,54 @@ def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: boo
     return Wrapped(model, ddp, "ddp")
 
 
-def wrap_fsdp(model: nn.Module, device: torch.device, reshard_after_forward: bool = True,
-              mixed_precision: bool = False,
-              materialize: Callable[[nn.Module], None] | None = None) -> Wrapped:
-    """FSDP2: one ``fully_shard`` group per transformer block, then the root.
+def shard_model(root: nn.Module, blocks, mesh, *, expert_mesh=None, reshard_after_forward: bool = True,
+                mixed_precision: bool = False, materialize: Callable[[nn.Module], None] | None = None) -> None:
+    """FSDP2 on ``root`` (the model or a pipeline stage): one ``fully_shard`` group per block of
+    ``blocks``, then the root's own modules (embedding, contraction, norm, head) in the root group.
 
+    ``mesh``: 1-D (FSDP) or 2-D ``(replicate, shard)`` (HSDP). Routed experts sharded over an EP
+    mesh (DTensors, ``expert_parallel``) get their own group on ``expert_mesh`` (the data ranks
+    outside their EP group), or stay out of FSDP when that is None (the EP group holds every copy).
     ``materialize(module)``: for a model built on the meta device, allocates and initialises one
     module's weights; it is called for each block right before that block is sharded, then for
     the root's own modules, so a rank never holds more than one block's full weights."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    from mhc_train.parallel.expert_parallel import expert_modules, expert_parameters, is_expert_parallel
+
+    kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
     if mixed_precision:  # bf16 compute, fp32 gradient reduction and master weights
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.blocks:
+    ignored: set[nn.Parameter] = set()  # expert shards no FSDP group reduces
+    for block in blocks:
         if materialize is not None:
             materialize(block)
-        fully_shard(block, **kwargs)
+        block_ignored = set()
+        for experts in expert_modules(block):
+            if not is_expert_parallel(experts):
+                continue  # sharded with the block
+            if expert_mesh is not None:
+                fully_shard(experts, mesh=expert_mesh, **kwargs)
+            else:
+                block_ignored |= expert_parameters(experts)
+        fully_shard(block, mesh=mesh, ignored_params=block_ignored or None, **kwargs)
+        ignored |= block_ignored
     if materialize is not None:
-        for name, child in model.named_children():
+        for name, child in root.named_children():
             if name != "blocks":
                 materialize(child)
-    fully_shard(model, **kwargs)
+    fully_shard(root, mesh=mesh, ignored_params=ignored or None, **kwargs)
+
+
+def wrap_fsdp(model: nn.Module, device: torch.device, reshard_after_forward: bool = True,
+              mixed_precision: bool = False,
+              materialize: Callable[[nn.Module], None] | None = None) -> Wrapped:
+    """FSDP2 over every process of the world (``shard_model`` on a 1-D mesh)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    shard_model(model, model.blocks, mesh, reshard_after_forward=reshard_after_forward,
+                mixed_precision=mixed_precision, materialize=materialize)
     return Wrapped(model, model, "fsdp")
 
 

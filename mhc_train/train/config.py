@@ -67,19 +67,29 @@ class OptimConfig:
     decay_factors: List[float] = field(default_factory=lambda: [0.316, 0.1])  # of the base lr
 
 
-PARALLEL_MODES = ("single", "ddp", "fsdp", "deepspeed", "pipeline")
+PARALLEL_MODES = ("single", "ddp", "fsdp", "deepspeed", "pipeline", "mesh")
 
 
 @dataclass
 class ParallelConfig:
     # single: one process; ddp | fsdp (FSDP2 fully_shard per block + root) | deepspeed (ZeRO 1/2):
     # data parallel over torchrun's processes (mhc_train/parallel/data_parallel.py, docs/distributed.md);
-    # pipeline: the model's blocks cut into stages over torchrun's processes (docs/pipeline.md)
+    # pipeline: the model's blocks cut into stages over torchrun's processes (docs/pipeline.md);
+    # mesh: pipeline x data x expert parallelism on one DeviceMesh (mhc_train/parallel/mesh.py).
+    # fsdp = mesh with dp_shard = world, pipeline = mesh with pp = world, ddp = replicas of the world.
     mode: str = "single"
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     timeout_s: float = 1800.0  # a collective waiting longer fails the job (a hung or lost rank)
+    # mesh degrees (-1: what is left of the world); pp x dp_replicate x dp_shard = world, ep | dp_shard
+    pp: int = 1  # pipeline stages (parallel.pipeline holds the schedule)
+    dp_replicate: int = 1  # data ranks holding full copies of the non-expert weights (HSDP's replicas)
+    dp_shard: int = -1  # data ranks sharding the non-expert weights (FSDP2)
+    ep: int = 1  # expert-parallel ranks, borrowed from dp_shard (mesh and fsdp)
     find_unused_parameters: bool = False  # ddp
-    reshard_after_forward: bool = True  # fsdp
+    # FSDP2 (fsdp, mesh): free the gathered weights after forward (true) or keep them to backward;
+    # null = true without pipeline stages, false with them (torchtitan's default; required by the
+    # split-backward schedules zbv / dualpipev)
+    reshard_after_forward: Optional[bool] = None
     zero_stage: int = 1  # deepspeed: 1 or 2
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # mode pipeline
 
@@ -251,11 +261,17 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def reshard_after_forward(parallel: ParallelConfig, pp: int) -> bool:
+    """``parallel.reshard_after_forward`` with null resolved: true without pipeline stages, false with."""
+    return parallel.reshard_after_forward if parallel.reshard_after_forward is not None else pp == 1
+
+
 def _check_pipeline(p: PipelineConfig, world: int, model: ModelConfig, t: LoopConfig) -> None:
+    """``world``: the pipeline's ranks (parallel.pp); ``t.batch_size`` is each data rank's batch."""
     from mhc_train.parallel.pipeline import PipelineConfigError, validate_pipeline
 
     _check(t.grad_accum == 1, "train.grad_accum",
-           f"with parallel=pipeline the micro-batches accumulate: set train.grad_accum=1 and split "
+           f"with pipeline stages the micro-batches accumulate: set train.grad_accum=1 and split "
            f"train.batch_size into parallel.pipeline.microbatches (got grad_accum={t.grad_accum})")
     try:
         schedule, _ = validate_pipeline(p.schedule, world, model.n_layers, p.microbatches, p.stages_per_rank,
@@ -267,6 +283,32 @@ def _check_pipeline(p: PipelineConfig, world: int, model: ModelConfig, t: LoopCo
            f"rank balancing is for the V schedules (zbv, dualpipev), not {schedule}")
     _check(p.overlap_concurrency in ("auto", "sequential", "threads"), "parallel.pipeline.overlap_concurrency",
            f"must be auto, sequential or threads, got {p.overlap_concurrency!r}")
+
+
+MESH_ONLY_DEFAULTS = {"pp": 1, "dp_replicate": 1, "dp_shard": -1}
+
+
+def mesh_degrees(parallel: ParallelConfig, world: int, model: ModelConfig):
+    """The ``MeshDegrees`` a layout runs with: from the keys for ``parallel=mesh``, fixed by the
+    preset otherwise (ddp: replicas, fsdp: shards, pipeline: stages, all of the world)."""
+    from mhc_train.parallel.mesh import MeshConfigError, MeshDegrees, resolve_degrees
+
+    mode = parallel.mode
+    if mode != "mesh":
+        for key, default in MESH_ONLY_DEFAULTS.items():
+            _check(getattr(parallel, key) == default, f"parallel.{key}",
+                   f"is a degree of parallel=mesh; parallel={mode} fixes its layout (got {getattr(parallel, key)!r})")
+        _check(parallel.ep == 1 or mode == "fsdp", "parallel.ep",
+               f"expert parallelism runs with parallel=mesh or fsdp, not {mode} (got ep={parallel.ep!r})")
+    if mode in ("single", "ddp", "deepspeed"):
+        return MeshDegrees(dp_replicate=world)
+    degrees = {"fsdp": dict(dp_shard=world, ep=parallel.ep), "pipeline": dict(pp=world, dp_shard=1)}.get(
+        mode, dict(pp=parallel.pp, dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard, ep=parallel.ep))
+    try:
+        return resolve_degrees(world, **degrees, n_routed_experts=model.n_routed_experts,
+                               has_moe=model.n_layers > model.n_dense_layers)
+    except MeshConfigError as e:
+        raise ConfigError(str(e)) from None
 
 
 def resolve_lr(optim: OptimConfig, model: ModelConfig) -> float:
@@ -364,13 +406,21 @@ def validate(cfg: DictConfig) -> RunConfig:
            f"DeepSpeed ZeRO stage 1 or 2 (3 is not supported here), got {parallel.zero_stage!r}")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     _check(world == 1 or parallel.mode != "single", "parallel.mode",
-           f"single runs one process, but WORLD_SIZE={world} (torchrun): choose parallel=ddp, fsdp, deepspeed "
-           "or pipeline")
+           f"single runs one process, but WORLD_SIZE={world} (torchrun): choose parallel=ddp, fsdp, deepspeed, "
+           "pipeline or mesh")
     _check(parallel.mode not in ("deepspeed", "pipeline") or "WORLD_SIZE" in os.environ, "parallel.mode",
            f"{parallel.mode} runs under torchrun (e.g. torchrun --standalone --nproc_per_node=2 -m mhc_train.train "
            f"parallel={parallel.mode})")
-    if parallel.mode == "pipeline":
-        _check_pipeline(parallel.pipeline, world, model, t)
+    degrees = mesh_degrees(parallel, world, model)
+    if degrees.pp > 1:
+        _check_pipeline(parallel.pipeline, degrees.pp, model, t)
+        from mhc_train.parallel.pipeline import V_SCHEDULES, normalize_schedule_name
+
+        split_backward = normalize_schedule_name(parallel.pipeline.schedule) in V_SCHEDULES
+        _check(not (split_backward and degrees.dp > 1 and reshard_after_forward(parallel, degrees.pp)),
+               "parallel.reshard_after_forward",
+               f"true with {parallel.pipeline.schedule}: its split backward computes the weight gradients after FSDP "
+               "freed the gathered weights (wrong gradients, measured); use false or null")
 
     _check(_int(logging_cfg.log_every) and logging_cfg.log_every >= 1, "logging.log_every",
            f"must be an integer >= 1, got {logging_cfg.log_every!r}")

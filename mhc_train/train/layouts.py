@@ -18,14 +18,13 @@ differs between engines. All three share one shape of step:
 
 Layouts:
 
-- ``DataParallelLayout`` (single | ddp | fsdp): the model's own autograd, DDP or FSDP2.
+- ``DataParallelLayout`` (single | ddp): the model's own autograd, or DDP.
 - ``DeepSpeedLayout`` (deepspeed): a ZeRO-1/2 engine around our AdamW; clipping follows
   ``train.grad_clip`` (DeepSpeed's 1.0 default never applies); the engine skips a step whose
   gradients are not finite (also in bf16: ``check_grad_overflow``), we read whether it did.
-- ``PipelineLayout`` (pipeline): ``torch.distributed.pipelining`` stages of this rank; the
-  micro-batches of ``parallel.pipeline`` accumulate the gradient; the grad norm is the norm over
-  all stages (one all-reduce); the router loads of a layer live on its stage's rank and are
-  summed over the pipeline so every rank's bias copy stays equal.
+- ``MeshLayout`` (mesh, and its presets fsdp | pipeline; ``mhc_train.train.mesh_layout``):
+  pipeline x data x expert parallelism on one DeviceMesh: ``torch.distributed.pipelining``
+  stages over ``pp``, FSDP2 / HSDP over the data ranks, routed experts over ``ep``.
 
 Every layout writes checkpoints in one format (``get_state_dict`` with flattened optimizer
 state: one key per parameter), so a run saved under one resumes under any other.
@@ -42,7 +41,6 @@ import torch.distributed as dist
 from torch import nn
 
 from mhc_train.model import MHCTransformer
-from mhc_train.residual import composite_gains
 from mhc_train.parallel.data_parallel import full_value, wrap_deepspeed, wrap_model
 from mhc_train.train.checkpoint import ModelState
 
@@ -126,6 +124,13 @@ class Layout:
     def load_state_dicts(self, model_sd: dict, optim_sd: dict) -> None:
         ModelState(self.optimized_module, self.optimizer).load_state_dicts(model_sd, optim_sd)
 
+    def _step_unless_skipped(self, norm: float, allowed: bool) -> tuple[float, bool]:
+        """The optimizer steps unless the update is vetoed or the grad norm is not finite."""
+        if allowed and math.isfinite(norm):
+            self.optimizer.step()
+            return norm, True
+        return norm, False
+
     def _clip(self, params: list[torch.Tensor], grad_clip: float | None) -> float:
         if grad_clip:
             return full_value(torch.nn.utils.clip_grad_norm_(params, grad_clip))
@@ -133,7 +138,7 @@ class Layout:
 
 
 class DataParallelLayout(Layout):
-    """One process, DDP or FSDP2 (``mhc_train.parallel.data_parallel.wrap_model``)."""
+    """One process or DDP (``mhc_train.parallel.data_parallel.wrap_model``)."""
 
     def __init__(self, model, device, cfg, bf16):
         super().__init__(model, device, cfg, bf16)
@@ -141,44 +146,44 @@ class DataParallelLayout(Layout):
 
     def prepare(self) -> None:
         p, kwargs = self.cfg.parallel, {}
-        if p.mode == "fsdp" and _distributed():
-            # block by block: materialise, then shard, so no rank holds the whole model at once
-            kwargs.update(reshard_after_forward=p.reshard_after_forward, mixed_precision=self.bf16,
-                          materialize=self._materialize)
-        else:
-            super().prepare()
-            if p.mode == "ddp":
-                kwargs["find_unused_parameters"] = p.find_unused_parameters
-        self.wrapped = wrap_model(self.model, p.mode, self.device, **kwargs)  # FSDP replaces the parameters
+        super().prepare()
+        if p.mode == "ddp":
+            kwargs["find_unused_parameters"] = p.find_unused_parameters
+        self.wrapped = wrap_model(self.model, p.mode, self.device, **kwargs)
 
     def forward_backward(self, batches, autocast: Callable, inject: bool):
-        forward, accum = self.wrapped.forward_module, len(batches)
-        sums = torch.zeros(3, device=self.device)  # loss, ce, aux
-        for i, (inputs, targets) in enumerate(batches):
-            # DDP: all-reduce the gradients once per step, in the last micro-batch's backward
-            sync = forward.no_sync() if self.wrapped.mode == "ddp" and i < accum - 1 else contextlib.nullcontext()
-            if self.wrapped.mode == "fsdp":  # likewise: reduce-scatter once, after the last micro-batch
-                forward.set_requires_gradient_sync(i == accum - 1)
-            with sync:
-                with autocast():
-                    out = forward(inputs, targets)
-                loss = out.loss * float("nan") if inject else out.loss
-                (loss / accum).backward()
-            sums += _parts(loss, out)
-        return self.reduce_mean(sums / accum)
+        forward = self.wrapped.forward_module
+
+        def sync(i: int, last: bool):  # DDP: all-reduce once per step, in the last micro-batch's backward
+            return forward.no_sync() if self.wrapped.mode == "ddp" and not last else contextlib.nullcontext()
+
+        return self.reduce_mean(model_steps(forward, batches, autocast, inject, sync, self.device))
 
     def update(self, grad_clip: float | None, allowed: bool) -> tuple[float, bool]:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = self._clip(params, grad_clip)
-        if allowed and math.isfinite(norm):
-            self.optimizer.step()
-            return norm, True
-        return norm, False
+        return self._step_unless_skipped(self._clip(params, grad_clip), allowed)
 
     @torch.no_grad()
     def eval_loss(self, inputs, targets, autocast) -> torch.Tensor:
         with autocast():
             return self.wrapped.forward_module(inputs, targets).ce_loss.float()
+
+
+def model_steps(forward: nn.Module, batches, autocast: Callable, inject: bool, sync: Callable,
+                device: torch.device) -> torch.Tensor:
+    """Forward and backward of each micro-batch through ``forward`` (the model or its DDP / FSDP
+    wrapper); ``sync(i, last)`` is entered around micro-batch i and controls the gradient
+    reduction. Returns this rank's (loss, ce, aux), averaged over the micro-batches."""
+    accum = len(batches)
+    sums = torch.zeros(3, device=device)  # loss, ce, aux
+    for i, (inputs, targets) in enumerate(batches):
+        with sync(i, i == accum - 1):
+            with autocast():
+                out = forward(inputs, targets)
+            loss = out.loss * float("nan") if inject else out.loss
+            (loss / accum).backward()
+        sums += _parts(loss, out)
+    return sums / accum
 
 
 class DeepSpeedLayout(Layout):
@@ -237,126 +242,6 @@ class DeepSpeedLayout(Layout):
         load_deepspeed_state_dicts(self.engine, self.model, model_sd, nest_optimizer_state(optim_sd, self._groups))
 
 
-class _RankStages(nn.Module):
-    """This rank's pipeline stages as one module under the full model's names (``embed``,
-    ``blocks.<global index>``, ``contract``, ``norm``, ``head``): its optimizer and checkpoint
-    keys are exactly the full model's, restricted to what this rank trains."""
-
-    def __init__(self, stage_modules):
-        super().__init__()
-        self.blocks = nn.ModuleDict()
-        for m in stage_modules:
-            for name in ("embed", "contract", "norm", "head"):
-                if hasattr(m, name) and isinstance(getattr(m, name), nn.Module):
-                    setattr(self, name, getattr(m, name))
-            self.blocks.update(m.blocks)
-
-
-class PipelineLayout(Layout):
-    """Pipeline parallelism over all ranks (``mhc_train.parallel.pipeline``).
-
-    The model is built on the meta device; each rank materialises only its stages (their values
-    equal one process's: per-weight seeded init) and the rest never takes memory."""
-
-    mode = "pipeline"
-
-    @property
-    def dp_rank(self) -> int:
-        return 0  # every pipeline rank reads the same batch (its stages use what they need)
-
-    @property
-    def dp_world_size(self) -> int:
-        return 1
-
-    @property
-    def optimized_module(self) -> nn.Module:
-        return self.local
-
-    def prepare(self) -> None:
-        from mhc_train.parallel.pipeline import build_pipeline_from_config
-
-        t, p = self.cfg.train, self.cfg.parallel.pipeline
-        self.pipe = build_pipeline_from_config(
-            self.model, p, self.rank, self.world_size, batch_size=t.batch_size, seq_len=t.seq_len,
-            device=self.device, logits_dtype=torch.bfloat16 if self.bf16 else None)  # streams stay fp32
-        self.local = _RankStages(self.pipe.modules)
-        self._materialize(self.local)
-
-    def forward_backward(self, batches, autocast: Callable, inject: bool):
-        (inputs, targets), = batches  # the pipeline's micro-batches accumulate (validated)
-        with autocast():
-            loss = self.pipe.step(inputs, targets, broadcast_loss=True)
-        ce = self.pipe.last_ce_loss
-        aux = self.pipe.last_aux_loss if self.pipe.last_aux_loss is not None else torch.zeros((), device=self.device)
-        parts = torch.stack([loss.detach().float(), ce.detach().float(), aux.detach().float()])
-        if inject:  # the gradients must be non-finite too, as after a real non-finite loss
-            parts = parts * float("nan")
-            for p in self.local.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
-        return parts
-
-    def reduce_router_loads(self, routers) -> list[torch.Tensor]:
-        # A layer's router lives on its stage's rank, which saw every token of the batch: its own
-        # loads are complete for its bias update; the metric gets all layers by one all-reduce.
-        if not routers:
-            return []
-        loads = torch.zeros(len(routers), routers[0].expert_load.shape[0], device=self.device)
-        for i, r in enumerate(routers):
-            if not r.expert_load.is_meta:
-                loads[i] = r.expert_load
-        dist.all_reduce(loads)
-        return list(loads)
-
-    def update(self, grad_clip: float | None, allowed: bool) -> tuple[float, bool]:
-        params = [p for p in self.local.parameters() if p.grad is not None]
-        local = (torch.nn.utils.get_total_norm([p.grad for p in params]) if params
-                 else torch.zeros((), device=self.device))
-        squares = local.float().pow(2).reshape(1)
-        dist.all_reduce(squares)  # the stages' parameters are disjoint: squares add up
-        norm = float(squares.sqrt())
-        if grad_clip and params:
-            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, torch.tensor(norm, device=self.device))
-        if allowed and math.isfinite(norm):
-            self.optimizer.step()
-            return norm, True
-        return norm, False
-
-    def eval_loss(self, inputs, targets, autocast) -> torch.Tensor:
-        with autocast():
-            return self.pipe.evaluate(inputs, targets)
-
-    @torch.no_grad()
-    def residual_gains(self, batch, sequences: int):
-        """H_res of every connection from a forward-only pass (each rank records its stages'
-        connections, one all-reduce assembles the layers: they are disjoint). The stages have
-        static shapes, so the batch keeps its size: the first ``sequences`` repeated to fill it
-        (the same token average as over those sequences alone) when they divide it, else the
-        whole batch."""
-        inputs, targets = batch
-        if sequences < inputs.shape[0] and inputs.shape[0] % sequences == 0:
-            repeats = inputs.shape[0] // sequences
-            batch = (inputs[:sequences].repeat(repeats, 1), targets[:sequences].repeat(repeats, 1))
-        conns = {2 * int(index) + j: c for m in self.pipe.modules for index, block in m.blocks.items()
-                 for j, c in enumerate((block.attn_conn, block.ffn_conn))}
-        n = self.model.n_streams
-        h = torch.zeros(2 * len(self.model.blocks), n, n, device=self.device)
-        was_training = self.model.training
-        self.model.eval()
-        for c in conns.values():
-            c.start_recording()
-        try:
-            self.pipe.evaluate(*batch)
-            for layer, c in conns.items():
-                h[layer] = c.recorded_h_res
-        finally:
-            for c in conns.values():
-                c.stop_recording()
-            self.model.train(was_training)
-        dist.all_reduce(h)
-        return composite_gains(h.cpu())
-
-
 def _parts(loss: torch.Tensor, out) -> torch.Tensor:
     aux = out.aux_loss.detach().float() if out.aux_loss is not None else torch.zeros((), device=loss.device)
     return torch.stack([loss.detach().float(), out.ce_loss.detach().float(), aux])
@@ -366,6 +251,8 @@ def make_layout(model: MHCTransformer, device: torch.device, cfg, bf16: bool) ->
     mode = cfg.parallel.mode
     if mode == "deepspeed":
         return DeepSpeedLayout(model, device, cfg, bf16)
-    if mode == "pipeline":
-        return PipelineLayout(model, device, cfg, bf16)
+    if mode in ("fsdp", "pipeline", "mesh"):
+        from mhc_train.train.mesh_layout import MeshLayout
+
+        return MeshLayout(model, device, cfg, bf16)
     return DataParallelLayout(model, device, cfg, bf16)
