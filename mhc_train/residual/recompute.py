@@ -71,6 +71,16 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _allocated(p: torch.Tensor) -> bool:
+    """A plain tensor with storage (not a DTensor shard wrapper, not freed by FSDP)."""
+    if hasattr(p, "device_mesh") or p.is_meta:
+        return False
+    try:
+        return p.untyped_storage().nbytes() > 0
+    except RuntimeError:  # "invalid python storage": FSDP2's unsharded parameter between gathers
+        return False
+
+
 @dataclass
 class _Handle:
     block: "_Block"
@@ -147,7 +157,10 @@ class RecomputePlan:
     def __init__(self, block_size: int, params, boundaries=(0,)) -> None:
         self.block_size = block_size
         self.boundaries = sorted(set(boundaries) | {0})
-        self.param_keys = {_storage_key(p) for p in params}
+        # Parameters are kept, never recomputed. Under FSDP the module's parameters are sharded
+        # DTensors or unsharded ones whose storage is not allocated yet when the plan is made: those
+        # are recognised as parameters when they are saved (``_is_parameter``).
+        self.param_keys = {_storage_key(p) for p in params if _allocated(p)}
         self.blocks: dict[int, _Block] = {}
 
     def block_start(self, index: int) -> int:
@@ -196,7 +209,7 @@ class RecomputePlan:
             key = (*region, counter[0])
             counter[0] += 1
             storage = _storage_key(t)
-            if storage in self.param_keys or storage in block.keep:
+            if storage in self.param_keys or storage in block.keep or isinstance(t, torch.nn.Parameter):
                 _observe_kept(t)
                 return t
             return block.new_handle(key)
