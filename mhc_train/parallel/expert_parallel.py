@@ -8,7 +8,7 @@ ep mesh, so checkpoints hold the global tensors and reshard between ep sizes). O
                                            destination-rank order (experts are contiguous per rank)
     all_to_all_single(counts)              each rank learns how many rows it receives per local expert
     .tolist()                              the one device-to-host sync: all-to-all split sizes
-    all_to_all_single_autograd(tokens)     dispatch; received rows ordered (source rank, local expert)
+    all-to-all of the rows (async)         dispatch; received rows ordered (source rank, local expert)
     regroup to (local expert, source)      -> grouped GEMM over the local experts (RoutedExperts)
     inverse regroup, all-to-all back       combine; then gate weights and the sum per token, as locally
 
@@ -26,11 +26,33 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
-
 from mhc_train.model.moe import MoE, RoutedExperts, SortedTokens, combine_sorted, sort_by_expert
+from mhc_train.parallel.phases import wait_overlapped
 
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with autograd, issued asynchronously and waited for through
+    ``wait_overlapped`` in forward and in backward: in a DualPipe-style overlapped pair the other
+    chunk computes while the rows travel."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group, label):
+        ctx.splits, ctx.group, ctx.label = (output_splits, input_splits), group, label
+        return _exchange(x, output_splits, input_splits, group, f"{label}")
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        return _exchange(grad, input_splits, output_splits, ctx.group, f"{ctx.label}.backward"), None, None, None, None
+
+
+def _exchange(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group, label: str) -> torch.Tensor:
+    out = x.new_empty((sum(output_splits), *x.shape[1:]))
+    work = dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group, async_op=True)
+    wait_overlapped(work, label)
+    return out
 
 
 class ExpertParallelDispatcher:
@@ -52,7 +74,7 @@ class ExpertParallelDispatcher:
         tokens = sorted_.tokens
         if torch.is_autocast_enabled(x.device.type):  # the experts compute in bf16 anyway: send half the bytes
             tokens = tokens.to(torch.get_autocast_dtype(x.device.type))
-        received = all_to_all_single_autograd(tokens, recv, send, self.group)
+        received = _AllToAll.apply(tokens, recv, send, self.group, "dispatch")
         # (source, local expert) -> (local expert, source): one stable sort of the rows' expert ids
         local_expert = torch.arange(n_local, device=x.device).repeat(ep)
         expert_of_row = torch.repeat_interleave(local_expert, recv_counts, output_size=received.shape[0])
@@ -65,7 +87,7 @@ class ExpertParallelDispatcher:
         sorted_: SortedTokens
         inverse = torch.empty_like(regroup)
         inverse[regroup] = torch.arange(regroup.numel(), device=regroup.device)
-        returned = all_to_all_single_autograd(y[inverse].contiguous(), send, recv, self.group)
+        returned = _AllToAll.apply(y[inverse], send, recv, self.group, "combine")
         return combine_sorted(returned, weights, sorted_, sorted_.tokens.dtype)
 
 

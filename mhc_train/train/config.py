@@ -281,8 +281,10 @@ def _check_pipeline(p: PipelineConfig, world: int, model: ModelConfig, t: LoopCo
     _check(p.balance in ("stage", "rank"), "parallel.pipeline.balance", f"must be stage or rank, got {p.balance!r}")
     _check(p.balance == "stage" or schedule in ("zbv", "dualpipev"), "parallel.pipeline.balance",
            f"rank balancing is for the V schedules (zbv, dualpipev), not {schedule}")
-    _check(p.overlap_concurrency in ("auto", "sequential", "threads"), "parallel.pipeline.overlap_concurrency",
-           f"must be auto, sequential or threads, got {p.overlap_concurrency!r}")
+    from mhc_train.parallel.pipeline.overlap import CONCURRENCY
+
+    _check(p.overlap_concurrency in CONCURRENCY, "parallel.pipeline.overlap_concurrency",
+           f"must be one of {', '.join(CONCURRENCY)}, got {p.overlap_concurrency!r}")
 
 
 MESH_ONLY_DEFAULTS = {"pp": 1, "dp_replicate": 1, "dp_shard": -1}

@@ -4,7 +4,18 @@ torch's ``ScheduleDualPipeV`` pairs, in its main phase, the forward chunk of one
 the backward chunk of another as one ``OVERLAP_F_B`` action whose ``sub_actions`` are
 (FORWARD on stage a, FULL_BACKWARD on stage b). Without a handler the runtime runs them one
 after the other. ``OverlapFBHandler`` is registered for that action
-(``schedule.register_custom_function(OVERLAP_F_B, handler)``) and runs the pair concurrently:
+(``schedule.register_custom_function(OVERLAP_F_B, handler)``) and runs the pair overlapped.
+
+``phases`` (the default, CPU and CUDA): the chunks are cut into phases at their communication
+points and interleaved (``mhc_train.parallel.phases.PairTurns``): the backward chunk starts (its
+output gradient received); at each asynchronous expert all-to-all a chunk hands the turn to the
+other and waits for its collective only when the turn comes back. The forward chunk waits for its
+pipeline receive when it first gets the turn (the receive travelled during the backward chunk's
+first phase), and each chunk posts its pipeline send as soon as it finishes, in the runtime's
+order of sends (the forward's first), instead of after the pair. On CUDA the forward chunk also
+runs on the other stream (below). Results are bitwise those of the sequential pair on CPU.
+
+``threads`` (the earlier mechanism; CUDA ``auto`` before phases):
 
     CUDA:  wait for both chunks' received tensors (on the compute stream)
            forward chunk  -> a worker thread, on the stream the backward chunk does NOT use
@@ -43,27 +54,37 @@ from torch.distributed.pipelining.schedules import (
     _PipelineContext,
     _wait_batch_p2p,
 )
+from torch.distributed.pipelining.schedules import _batch_p2p
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-CONCURRENCY = ("auto", "sequential", "threads")
+from mhc_train.parallel.phases import PairTurns
+
+CONCURRENCY = ("auto", "sequential", "threads", "phases")
 
 
 class OverlapFBHandler:
     """Runs DualPipeV's OVERLAP_F_B actions (see the module docstring).
 
-    concurrency: ``auto`` = threads + two streams when the stages are on CUDA (sequential launch
-    on two streams when a stage is wrapped by FSDP/DDP, whose collectives must keep one order on
-    every rank), sequential otherwise; ``sequential`` = always one after the other (CUDA: still on two streams, so the
-    GPU may overlap what the CPU has queued); ``threads`` = a worker thread for the forward chunk
-    also on CPU (used by the tests to exercise the concurrent path; numerically identical there).
+    concurrency: ``auto`` = ``phases``; ``phases`` = the chunks take turns at their communication
+    points (module docstring); ``sequential`` = always one after the other (CUDA: still on two
+    streams, so the GPU may overlap what the CPU has queued); ``threads`` = the forward chunk in a
+    worker thread running freely beside the backward one (CUDA: on the other stream; sequential
+    launch when a stage is wrapped by FSDP/DDP, whose collectives must keep one order on every
+    rank; on CPU used by the tests to exercise the concurrent path).
+
+    ``record_phases``: keep each pair's order of phases and collectives in ``pair_events``.
     """
 
     def __init__(self, concurrency: str = "auto") -> None:
         if concurrency not in CONCURRENCY:
             raise ValueError(f"parallel.pipeline.overlap_concurrency: must be one of {CONCURRENCY}, "
                              f"got {concurrency!r}")
-        self.concurrency = concurrency
+        self.concurrency = "phases" if concurrency == "auto" else concurrency
+        self.record_phases = False
+        self.pair_events: list[dict] = []  # with record_phases: per pair, its actions and events
+        self._early_sends: list = []  # pipeline sends posted inside pairs, waited at the step's end
+        self._sent_early: set[tuple[str, int, int]] = set()
         self.return_outputs = True
         self.loss_kwargs = None
         self.pairs_run = 0  # OVERLAP_F_B actions handled (all steps)
@@ -84,9 +105,29 @@ class OverlapFBHandler:
             handler.return_outputs = return_outputs
             handler.loss_kwargs = loss_kwargs
             handler._forward_stream.clear()
-            return original(arg_mbs, kwarg_mbs, target_mbs, losses, return_outputs, loss_kwargs=loss_kwargs)
+            try:
+                return original(arg_mbs, kwarg_mbs, target_mbs, losses, return_outputs, loss_kwargs=loss_kwargs)
+            finally:  # the runtime waits for its own sends before leaving the step: so for ours
+                for works in handler._early_sends:
+                    for work in works:
+                        work.wait()
+                handler._early_sends.clear()
 
         schedule._step_microbatches = step_microbatches
+        for stage in schedule._stages:  # a send posted inside a pair is not posted again by the runtime
+            for kind in ("fwd", "bwd"):
+                original_ops = getattr(stage, f"get_{kind}_send_ops")
+                setattr(stage, f"get_{kind}_send_ops", self._skip_if_sent(kind, stage.stage_index, original_ops))
+
+    def _skip_if_sent(self, kind: str, stage_index: int, get_ops):
+        def get_send_ops(mb: int):
+            key = (kind, stage_index, mb)
+            if key in self._sent_early:
+                self._sent_early.discard(key)
+                return []
+            return get_ops(mb)
+
+        return get_send_ops
 
     # ---------------------------------------------------------------------- the action
 
@@ -103,6 +144,14 @@ class OverlapFBHandler:
         stages = _stages_by_index(schedule)
         f_stage = stages[f_action.stage_index]
 
+        if self.concurrency == "phases":  # the forward chunk waits for its receive when it starts
+            self._wait_received(schedule, b_action, stages)
+            if f_stage.device.type != "cuda":
+                self._run_pair_phases(f_action, b_action, ctx, stages)
+            else:
+                self._run_pair_cuda(f_action, b_action, ctx, stages, f_stage.device)
+            self.pairs_run += 1
+            return
         # Receives first, on this thread's current stream (the runtime waits for them the same way).
         self._wait_received(schedule, f_action, stages)
         self._wait_received(schedule, b_action, stages)
@@ -147,6 +196,32 @@ class OverlapFBHandler:
         if error:
             raise error[0]
 
+    def _run_pair_phases(self, f_action, b_action, ctx, stages, forward_context=contextlib.nullcontext):
+        """The chunks take turns at their communication points (``PairTurns``); each posts its
+        pipeline send as soon as it is done, in the runtime's order (the forward chunk's first)."""
+        schedule = ctx.schedule_ref
+        turns = PairTurns(record=self.record_phases)
+        grad_enabled = torch.is_grad_enabled()
+        autocast = _autocast_state()
+        sends = _InOrderSends(self, stages, f_action, b_action)
+
+        def forward():
+            with torch.set_grad_enabled(grad_enabled), _autocast_context(autocast), forward_context():
+                self._wait_received(schedule, f_action, stages)
+                turns.note("F", "received")
+                self._compute(f_action, ctx, stages)
+            sends.done("F")
+
+        def backward():
+            self._compute(b_action, ctx, stages)
+            sends.done("B")
+
+        turns.run(forward, backward)
+        if self.record_phases:
+            self.pair_events.append({"forward": (f_action.stage_index, f_action.microbatch_index),
+                                     "backward": (b_action.stage_index, b_action.microbatch_index),
+                                     "events": turns.events})
+
     def _run_pair_cuda(self, f_action, b_action, ctx, stages, device) -> None:
         compute = torch.cuda.current_stream(device)
         side = self._side_stream(device)
@@ -166,10 +241,13 @@ class OverlapFBHandler:
                 yield
 
         # Data-parallel wrappers issue collectives from inside forward (FSDP unshard) and backward
-        # (gradient reduction): from two threads their order could differ between ranks.
+        # (gradient reduction): from two free threads their order could differ between ranks
+        # (taking turns keeps it).
         sequential = self.concurrency == "sequential" or (
-            self.concurrency == "auto" and any(_data_parallel_wrapped(s) for s in stages.values()))
-        if sequential:
+            self.concurrency == "threads" and any(_data_parallel_wrapped(s) for s in stages.values()))
+        if self.concurrency == "phases":
+            self._run_pair_phases(f_action, b_action, ctx, stages, on_forward_stream)
+        elif sequential:
             with on_forward_stream():
                 self._compute(f_action, ctx, stages)
             self._compute(b_action, ctx, stages)
@@ -239,6 +317,35 @@ class OverlapFBHandler:
             stage.backward_weight_one_chunk(mb, last_backward=last_backward)
         else:
             raise ValueError(f"OverlapFBHandler cannot run sub-action {action}")
+
+
+class _InOrderSends:
+    """Posts the pair's pipeline sends as each chunk finishes, never out of the runtime's order
+    (it lowers a pair's sends as the forward chunk's, then the backward chunk's; both may go to
+    the same peer, where messages match in posting order)."""
+
+    def __init__(self, handler: OverlapFBHandler, stages, f_action, b_action) -> None:
+        self.handler, self.stages = handler, stages
+        self.pending = {"F": ("fwd", f_action), "B": ("bwd", b_action)}
+        self.finished: set[str] = set()
+
+    def done(self, chunk: str) -> None:
+        self.finished.add(chunk)
+        for c in ("F", "B"):
+            if c not in self.finished:
+                return  # the runtime's order: nothing after a chunk still running
+            if c in self.pending:
+                self._post(*self.pending.pop(c))
+
+    def _post(self, kind: str, action) -> None:
+        idx, mb = action.stage_index, action.microbatch_index
+        stage = self.stages[idx]
+        neighbour = idx + 1 if kind == "fwd" else idx - 1
+        if (stage.is_last if kind == "fwd" else stage.is_first) or neighbour in self.stages:
+            return  # no send: the end of the pipeline, or a local hand-over in the V
+        works = _batch_p2p(getattr(stage, f"get_{kind}_send_ops")(mb))
+        self.handler._sent_early.add((kind, idx, mb))
+        self.handler._early_sends.append(works)
 
 
 def _data_parallel_wrapped(stage) -> bool:
