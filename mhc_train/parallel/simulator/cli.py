@@ -28,11 +28,11 @@ from mhc_train.parallel.simulator.schedules import (
 # --overlap shorthands -> the overlap modes they stand for
 OVERLAP_CHOICES = {"both": ("off", "on"), "all": ("off", "fb", "comm", "on")}
 
-_TIME_KEYS = ("F", "B", "W", "fb", "fb_overhead", "comm", "message_bytes", "bandwidth",
+_TIME_KEYS = ("F", "B", "W", "fb", "fb_overhead", "a2a_f", "a2a_b", "comm", "message_bytes", "bandwidth",
               "latency", "n")
 _DEFAULTS = {"ranks": 4, "microbatches": 8, "schedules": "1f1b,zbv,dualpipev", "overlap": "both",
-             "per": "rank", "F": 1.0, "B": 2.0, "W": 1.0, "fb_overhead": 0.0, "latency": 0.0,
-             "n": 1.0}
+             "per": "rank", "F": 1.0, "B": 2.0, "W": 1.0, "fb_overhead": 0.0, "a2a_f": 0.0, "a2a_b": 0.0,
+             "latency": 0.0, "n": 1.0}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,13 +64,18 @@ def _parser() -> argparse.ArgumentParser:
            "stage); V-shape schedules (zbv, dualpipev) split them into two stages of half the "
            "time. 'stage': the times are per stage whatever the schedule (the README table's "
            "convention) [rank]")
-    a("--F", type=float, help="forward time [1.0]")
-    a("--B", type=float, help="full backward time (input grad + weight grad) [2.0]")
+    a("--F", type=float, help="forward compute time [1.0]")
+    a("--B", type=float, help="full backward compute time (input grad + weight grad) [2.0]")
     a("--W", type=float, help="weight-gradient part of B; the input-gradient part is B - W [1.0]")
-    a("--fb", type=float, help="time of an overlapped F&B pair (default max(F, B) + "
-                               "--fb-overhead)")
+    a("--a2a-f", dest="a2a_f", type=float,
+      help="expert all-to-all time inside one forward chunk (dispatch + combine), exposed unless an "
+           "overlapped F&B pair hides it [0]")
+    a("--a2a-b", dest="a2a_b", type=float,
+      help="expert all-to-all time inside one backward chunk [0]")
+    a("--fb", type=float, help="time of an overlapped F&B pair, e.g. measured (default max(F + B, "
+                               "a2a_f + a2a_b) + --fb-overhead: a pair hides communication, not compute)")
     a("--fb-overhead", dest="fb_overhead", type=float,
-      help="added to max(F, B) for an overlapped pair [0]")
+      help="added to the default pair time [0]")
     a("--comm", type=float, help="time of one stage-boundary message at n = 1 (activation "
                                  "or its gradient) [0]")
     a("--message-bytes", dest="message_bytes", type=float,
@@ -156,9 +161,11 @@ def run(argv: list[str] | None = None) -> int:
     for name in schedules:
         check_schedule_input(name, ranks, micro)
 
+    default_pair = "max(F+B,a2a_f+a2a_b)" + (f"+{_fmt(times.fb_overhead)}" if times.fb_overhead else "")
+    a2a = f" a2a_f={_fmt(times.a2a_f)} a2a_b={_fmt(times.a2a_b)}" if times.a2a_f or times.a2a_b else ""
     print(f"{ranks} ranks, {micro} micro-batches, times per {per}: F={_fmt(times.F)} "
-          f"B={_fmt(times.B)} W={_fmt(times.W)} F&B="
-          f"{_fmt(times.fb) if times.fb is not None else f'max(F,B)+{_fmt(times.fb_overhead)}'}"
+          f"B={_fmt(times.B)} W={_fmt(times.W)}{a2a} F&B="
+          f"{_fmt(times.fb) if times.fb is not None else default_pair}"
           f", message time {_fmt(times.message_time)} (n={times.n:g})")
     out: dict = {"options": opts}
     if opts.get("compare_n") is not None:

@@ -33,11 +33,17 @@ class ScheduleDeadlock(RuntimeError):
 class Times:
     """Durations in one arbitrary unit (ms, say).
 
-    F, B, W: one micro-batch through one stage: forward, full backward, weight-gradient part of B
-    (the input-gradient part is B - W). fb: time of an overlapped F&B pair, else max(F, B) +
-    fb_overhead. Message time (one activation or gradient across a stage boundary) =
-    latency + n * (comm, or message_bytes / bandwidth when comm is not given); n is the
-    residual-stream multiplier (mHC sends [B, S, n, C] instead of [B, S, C]).
+    F, B, W: one micro-batch through one stage: the compute of the forward, the full backward and
+    the weight-gradient part of B (the input-gradient part is B - W). a2a_f, a2a_b: the expert
+    all-to-all time inside one forward / backward chunk (dispatch + combine, or their gradients;
+    0 without expert parallelism), exposed everywhere except inside an overlapped F&B pair, where
+    each chunk's all-to-all travels while the other chunk computes (the phase-split pair of
+    ``mhc_train.parallel.pipeline.overlap``). fb: the time of an overlapped F&B pair when given
+    (e.g. measured), else max(F + B, a2a_f + a2a_b) + fb_overhead: the pair hides communication,
+    not compute - two chunks' compute does not run faster together. Message time (one activation
+    or gradient across a stage boundary) = latency + n * (comm, or message_bytes / bandwidth when
+    comm is not given); n is the residual-stream multiplier (mHC sends [B, S, n, C] instead of
+    [B, S, C]).
     """
 
     F: float = 1.0
@@ -45,6 +51,8 @@ class Times:
     W: float = 1.0
     fb: float | None = None
     fb_overhead: float = 0.0
+    a2a_f: float = 0.0
+    a2a_b: float = 0.0
     comm: float | None = None
     message_bytes: float | None = None
     bandwidth: float | None = None
@@ -55,7 +63,7 @@ class Times:
         for name in ("F", "B"):
             if not getattr(self, name) > 0:
                 raise SimulatorInputError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("W", "fb_overhead", "latency"):
+        for name in ("W", "fb_overhead", "latency", "a2a_f", "a2a_b"):
             if getattr(self, name) < 0:
                 raise SimulatorInputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.W > self.B:
@@ -91,19 +99,26 @@ class Times:
             return 0.0
         return self.latency + self.n * base
 
-    def op_time(self, kind: str) -> float:
+    def compute_time(self, kind: str) -> float:
         return {"F": self.F, "B": self.B, "I": self.B - self.W, "W": self.W}[kind]
+
+    def op_time(self, kind: str) -> float:
+        """An action on its own: its compute and its exposed all-to-all (W has none)."""
+        a2a = {"F": self.a2a_f, "B": self.a2a_b, "I": self.a2a_b, "W": 0.0}[kind]
+        return self.compute_time(kind) + a2a
 
     def pair_time(self, pair: Pair) -> float:
         if self.fb is not None:
             return self.fb
-        return max(self.op_time(pair.f.kind), self.op_time(pair.b.kind)) + self.fb_overhead
+        compute = self.compute_time(pair.f.kind) + self.compute_time(pair.b.kind)
+        return max(compute, self.a2a_f + self.a2a_b) + self.fb_overhead
 
     def scaled(self, factor: float) -> "Times":
-        """Compute times times ``factor`` (message time unchanged)."""
+        """Compute and all-to-all times times ``factor`` (stage message time unchanged)."""
         return replace(self, F=self.F * factor, B=self.B * factor, W=self.W * factor,
                        fb=None if self.fb is None else self.fb * factor,
-                       fb_overhead=self.fb_overhead * factor)
+                       fb_overhead=self.fb_overhead * factor, a2a_f=self.a2a_f * factor,
+                       a2a_b=self.a2a_b * factor)
 
 
 def stage_times(name: str, times: Times, per: str) -> Times:

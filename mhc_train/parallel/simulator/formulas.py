@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 
 from mhc_train.parallel.simulator.engine import Times
+from mhc_train.parallel.simulator.schedules import Op, Pair
+
+_PAIR = Pair(Op("F", 0, 0), Op("B", 0, 0))  # a forward paired with a full backward
 
 
 def formula_bubble(name: str, ranks: int, times: Times) -> float | None:
@@ -14,7 +17,7 @@ def formula_bubble(name: str, ranks: int, times: Times) -> float | None:
     PP = number of stages of one pipeline: ranks for 1F1B / ZB1P / DualPipe, 2 x ranks for
     DualPipeV (its #devices is PP/2). F&B = the pair time the simulator uses."""
     F, B, W = times.F, times.B, times.W
-    FB = times.fb if times.fb is not None else max(F, B) + times.fb_overhead
+    FB = times.pair_time(_PAIR)  # the pair time the simulator uses
     if name == "1f1b":
         return (ranks - 1) * (F + B)
     if name == "zb1p":
