@@ -5,7 +5,7 @@
 #   MASTER_ADDR=node0 NNODES=4 NODE_RANK=0 bash launch/multi_node.sh model=27b parallel=fsdp   # on node0
 #   MASTER_ADDR=node0 NNODES=4 NODE_RANK=1 bash launch/multi_node.sh model=27b parallel=fsdp   # on node1 ...
 #   PP=4 EP=8 NNODES=4 ... bash launch/multi_node.sh model=27b parallel.pipeline.schedule=dualpipev \
-#       parallel.pipeline.microbatches=16                     # 32 GPUs: pp=4 x dp_shard=8 (ep=8 within a node)
+#       parallel.pipeline.microbatches=16 train.batch_size=16                     # 32 GPUs: pp=4 x dp_shard=8 (ep=8 within a node)
 #
 # Environment (SLURM's are used when the plain ones are absent):
 #   MASTER_ADDR   rendezvous host (default: first host of $SLURM_JOB_NODELIST, else localhost)

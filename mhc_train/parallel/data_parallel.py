@@ -66,14 +66,24 @@ def shard_model(root: nn.Module, blocks, mesh, *, expert_mesh=None, reshard_afte
     outside their EP group), or stay out of FSDP when that is None (the EP group holds every copy).
     ``materialize(module)``: for a model built on the meta device, allocates and initialises one
     module's weights; it is called for each block right before that block is sharded, then for
-    the root's own modules, so a rank never holds more than one block's full weights."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    the root's own modules, so a rank never holds more than one block's full weights.
+
+    ``mixed_precision`` (bf16 runs): FSDP gathers the weights in bf16 and reduces gradients in
+    fp32. No group casts its inputs, and the embedding, the stream contraction and each router get
+    groups of their own gathered in fp32 (``_fp32_parts``): the residual streams stay fp32 across
+    blocks and pipeline stages and routing sees fp32 weights, as under plain autocast in one
+    process. The connections' weights (phi, alpha, bias) are gathered in bf16 with their block:
+    their maths runs in fp32 on bf16-rounded weights (a connection is entered through ``read`` and
+    ``write``, not ``forward``, so it cannot be a group of its own; tested within bf16 noise of one
+    process, docs/distributed.md)."""
+    from torch.distributed.fsdp import fully_shard
 
     from mhc_train.parallel.expert_parallel import expert_modules, expert_parameters, is_expert_parallel
 
     kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
-    if mixed_precision:  # bf16 compute, fp32 gradient reduction and master weights
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    fp32_kwargs = dict(kwargs)
+    if mixed_precision:
+        kwargs["mp_policy"], fp32_kwargs["mp_policy"] = _policies()
     ignored: set[nn.Parameter] = set()  # expert shards no FSDP group reduces
     for block in blocks:
         if materialize is not None:
@@ -86,13 +96,37 @@ def shard_model(root: nn.Module, blocks, mesh, *, expert_mesh=None, reshard_afte
                 fully_shard(experts, mesh=expert_mesh, **kwargs)
             else:
                 block_ignored |= expert_parameters(experts)
+        if mixed_precision:
+            for part in _fp32_parts(block):
+                fully_shard(part, mesh=mesh, **fp32_kwargs)
         fully_shard(block, mesh=mesh, ignored_params=block_ignored or None, **kwargs)
         ignored |= block_ignored
     if materialize is not None:
         for name, child in root.named_children():
             if name != "blocks":
                 materialize(child)
+    if mixed_precision:
+        for part in _fp32_parts(root, top=True):
+            fully_shard(part, mesh=mesh, **fp32_kwargs)
     fully_shard(root, mesh=mesh, ignored_params=ignored or None, **kwargs)
+
+
+def _policies():
+    """(bf16 compute, fp32 compute) FSDP2 policies; both reduce in fp32 and leave inputs alone."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False),
+            MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False))
+
+
+def _fp32_parts(module: nn.Module, top: bool = False) -> list[nn.Module]:
+    """The submodules whose weights FSDP gathers in fp32: a block's router, or (``top``) the
+    model's or stage's embedding and stream contraction; those with parameters."""
+    if top:
+        names = [getattr(module, "embed", None), getattr(module, "contract", None)]
+    else:
+        names = [getattr(module.ffn, "router", None)]
+    return [m for m in names if m is not None and any(True for _ in m.parameters())]
 
 
 def wrap_fsdp(model: nn.Module, device: torch.device, reshard_after_forward: bool = True,

@@ -22,7 +22,8 @@ weights, fp32 gradients and AdamW (``precision="bf16"``; ``"fp32"`` is what a CP
     params_unsharded  bf16 copies alive during compute: FSDP2's gathered blocks (two blocks in
                       flight with reshard_after_forward, the root's embedding/head, the whole
                       rank without it or under a pipeline, whose backward does not reshard
-                      until the last micro-batch); autocast's bf16 casts where nothing shards
+                      until the last micro-batch; the embedding is gathered in fp32,
+                      ``data_parallel.shard_model``); autocast's bf16 casts where nothing shards
     grads             fp32, sharded like params
     grad_accumulation the unsharded fp32 gradients FSDP2 accumulates while a step runs several
                       micro-batches without reduce-scatter (the trainer syncs once per step, so
@@ -629,6 +630,8 @@ def estimate(ctx: PlanContext, cluster: Cluster, lay: Layout) -> Estimate:
         else:
             gathered = 2 * max(block_sizes, default=0.0) + (root if ne_shard > 1 else 0.0)
         unsharded = pe * gathered
+        if prec == "bf16" and ne_shard > 1:  # FSDP gathers the embedding in fp32 (streams stay fp32)
+            unsharded += 2 * sum(ctx.params.first for s in stages if s.first)
         if prec == "bf16":
             if ne_shard == 1:
                 unsharded += 2 * ne  # autocast's cached bf16 casts, one per step

@@ -418,6 +418,10 @@ def validate(cfg: DictConfig) -> RunConfig:
         _check_pipeline(parallel.pipeline, degrees.pp, model, t)
         from mhc_train.parallel.pipeline import V_SCHEDULES, normalize_schedule_name
 
+        _check(parallel.pipeline.overlap_concurrency != "threads" or degrees.dp == 1,
+               "parallel.pipeline.overlap_concurrency",
+               "threads runs a pair's two chunks freely side by side, so their collectives (FSDP, expert "
+               "all-to-all) could be issued in another order on each rank: use phases (auto) with data ranks")
         split_backward = normalize_schedule_name(parallel.pipeline.schedule) in V_SCHEDULES
         _check(not (split_backward and degrees.dp > 1 and reshard_after_forward(parallel, degrees.pp)),
                "parallel.reshard_after_forward",

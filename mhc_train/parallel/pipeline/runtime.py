@@ -214,6 +214,7 @@ def build_pipeline(
     modules, stages = [], []
     for s in mine:
         module = PipelineStageModule(model, s, num_stages, ranges[s], post_res_stream=post_res_stream)
+        module.boundary_dtype = dtype
         streams_meta = torch.empty(mb, seq_len, n, c, dtype=dtype, device="meta", requires_grad=True)
         inputs = torch.empty(mb, seq_len, dtype=torch.long, device="meta") if s == 0 else streams_meta
         outputs = (torch.empty(mb, seq_len, model.cfg.vocab_size, dtype=logits_dtype, device="meta",

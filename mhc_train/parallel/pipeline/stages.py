@@ -85,6 +85,7 @@ class PipelineStageModule(nn.Module):
         # decoupled from pipeline communication; the stage input is the first block's x_l0).
         self.recompute_boundaries: tuple[int, ...] = (2 * block_indices[0],)
         self.post_res_stream = post_res_stream
+        self.boundary_dtype: torch.dtype | None = None  # the dtype of the streams sent on (build_pipeline)
         self.aux_loss_values: list[torch.Tensor] = []  # detached balance loss per micro-batch
 
     def _regions(self, x: torch.Tensor):
@@ -109,6 +110,10 @@ class PipelineStageModule(nn.Module):
         for block in self.blocks.values():
             streams = block(streams, rope, regions)
         out = self.head_logits(streams) if self.is_last else streams
+        if not self.is_last and self.boundary_dtype is not None and out.dtype != self.boundary_dtype:
+            # The receiver's buffer has the declared dtype: a stage must never send another one
+            # (gloo would reinterpret the bytes, NCCL hang or corrupt).
+            out = out.to(self.boundary_dtype)
         aux = self._take_balance_loss()
         if aux is not None:
             out = _InjectAuxLoss.apply(out, aux)
