@@ -83,6 +83,11 @@ class MeshLayout(Layout):
         from mhc_train.parallel.expert_parallel import apply_expert_parallel
 
         d, p, t = self.degrees, self.cfg.parallel, self.cfg.train
+        if d.ep > 1 and self.device.type == "cuda" and dist.get_backend() == "gloo":
+            from mhc_train.train.errors import ConfigError
+
+            raise ConfigError("parallel.backend: gloo has no all-to-all for CUDA tensors; expert parallelism on GPUs "
+                              "needs nccl (parallel.backend=auto)")
         self.mesh = build_mesh(d, self.device.type)
         roots: list[nn.Module] = [self.model]
         if d.pp > 1:
