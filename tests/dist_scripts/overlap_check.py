@@ -3,7 +3,7 @@ against the same schedule run in order, under pp=2 x ep=2 on CPU (gloo), in one 
 
     torchrun --standalone --nproc_per_node=4 tests/dist_scripts/overlap_check.py
 
-For every case (mHC and baseline, residual.recompute off and auto) two mesh layouts of the
+For every case (mHC and baseline with residual.recompute off and auto; HC) two mesh layouts of the
 trainer (``MeshLayout``: FSDP2 over the data ranks, experts over ep) are built from the same
 config, one with ``parallel.pipeline.overlap_concurrency=phases``, one ``sequential``; each runs
 two optimizer steps of the same batches. Required, bitwise: the losses, every gradient of the
@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-CASES = [("mhc", "off"), ("mhc", "auto"), ("baseline", "off"), ("baseline", "auto")]
+CASES = [("mhc", "off"), ("mhc", "auto"), ("baseline", "off"), ("baseline", "auto"), ("hc", "off")]
 
 
 def build(variant: str, recompute: str, concurrency: str):
