@@ -11,12 +11,13 @@ from mhc_train.residual import ResidualConfig
 from mhc_train.residual.recompute import RecomputePlan, optimal_block_size, parse_recompute
 
 
-def grads_of(variant, recompute, boundaries=(0,), **rkw):
+def grads_of(variant, recompute, boundaries=(0,), bf16=False, **rkw):
     torch.manual_seed(0)
     model = MHCTransformer(load_model_config("tiny", q_lora_rank=8), ResidualConfig(variant=variant, recompute=recompute, **rkw))
     model.recompute_boundaries = boundaries
     tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
-    out = model(tokens[:, :-1], tokens[:, 1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(tokens[:, :-1], tokens[:, 1:])
     out.loss.backward()
     return out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
@@ -29,6 +30,17 @@ def test_gradients_bitwise_equal_with_recomputation(variant, recompute, boundari
     loss, got = grads_of(variant, recompute, boundaries)
     assert torch.equal(loss, loss_ref)
     assert ref.keys() == got.keys()
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
+
+
+@pytest.mark.parametrize("variant", ["hc", "mhc"])
+def test_recomputation_under_bf16_autocast_restores_the_forwards_autocast(variant):
+    """The recompute runs in backward, outside the forward's autocast region: it must re-enter it
+    (HC crashed with a bf16/fp32 mismatch in addmv, and a silently fp32 recompute would differ)."""
+    loss_ref, ref = grads_of(variant, "off", bf16=True)
+    loss, got = grads_of(variant, "auto", bf16=True)
+    assert torch.equal(loss, loss_ref)
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
 

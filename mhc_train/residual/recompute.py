@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mhc_train.autocast_state import autocast_context, autocast_state
+
 # The region the forward is in: ("read" | "write", index), ("layer", index, storage key of the
 # layer's input) or None. With the observers it lets the memory report attribute every tensor
 # kept for backward to the residual-stream maintenance or to attention/experts.
@@ -97,6 +99,7 @@ class _Block:
     layer_inputs: dict = field(default_factory=dict)
     live_handles: int = 0
     ready: object = None  # CUDA event recorded after the recompute
+    autocast: list = field(default_factory=autocast_state)  # the forward's, re-entered to recompute
 
     def new_handle(self, key: tuple, view: tuple | None = None) -> _Handle:
         handle = _Handle(self, key, view)
@@ -123,7 +126,8 @@ class _Block:
             counter[0] += 1
             return t
 
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
+        with torch.enable_grad(), autocast_context(self.autocast), \
+                torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
             x = self.input.detach().requires_grad_(self.input.requires_grad)
             for index, conn, norm, y in self.sublayers:
                 region[0], counter[0] = ("read", index), 0

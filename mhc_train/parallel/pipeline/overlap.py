@@ -58,6 +58,7 @@ from torch.distributed.pipelining.schedules import _batch_p2p
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from mhc_train.autocast_state import autocast_context, autocast_state
 from mhc_train.parallel.phases import PairTurns
 
 CONCURRENCY = ("auto", "sequential", "threads", "phases")
@@ -177,11 +178,11 @@ class OverlapFBHandler:
         """The forward chunk in a worker thread, the backward chunk here; joined before return."""
         error: list[BaseException] = []
         grad_enabled = torch.is_grad_enabled()
-        autocast = _autocast_state()
+        autocast = autocast_state()
 
         def run_forward():
             try:
-                with torch.set_grad_enabled(grad_enabled), _autocast_context(autocast), forward_context():
+                with torch.set_grad_enabled(grad_enabled), autocast_context(autocast), forward_context():
                     self._compute(f_action, ctx, stages)
             except BaseException as exc:  # re-raised in the calling thread
                 error.append(exc)
@@ -202,11 +203,11 @@ class OverlapFBHandler:
         schedule = ctx.schedule_ref
         turns = PairTurns(record=self.record_phases)
         grad_enabled = torch.is_grad_enabled()
-        autocast = _autocast_state()
+        autocast = autocast_state()
         sends = _InOrderSends(self, stages, f_action, b_action)
 
         def forward():
-            with torch.set_grad_enabled(grad_enabled), _autocast_context(autocast), forward_context():
+            with torch.set_grad_enabled(grad_enabled), autocast_context(autocast), forward_context():
                 self._wait_received(schedule, f_action, stages)
                 turns.note("F", "received")
                 self._compute(f_action, ctx, stages)
@@ -368,23 +369,6 @@ def _stage_inputs(stage, mb: int) -> list[torch.Tensor]:
 def _stage_outputs(stage, mb: int) -> list[torch.Tensor]:
     cached = stage.fwd_cache.get(mb)
     return [t for t in (cached[0] if cached else ()) if isinstance(t, torch.Tensor)]
-
-
-def _autocast_state() -> list[tuple[str, torch.dtype]]:
-    state = []
-    for device_type in ("cuda", "cpu"):
-        if torch.is_autocast_enabled(device_type):
-            state.append((device_type, torch.get_autocast_dtype(device_type)))
-    return state
-
-
-@contextlib.contextmanager
-def _autocast_context(state):
-    """Autocast is thread-local: re-enter the caller's in the worker thread."""
-    with contextlib.ExitStack() as stack:
-        for device_type, dtype in state:
-            stack.enter_context(torch.autocast(device_type, dtype=dtype))
-        yield
 
 
 # --------------------------------------------------- high-priority post-res merge stream
