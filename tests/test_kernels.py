@@ -397,3 +397,63 @@ def test_tiny_mhc_model_same_loss_and_gradients_with_triton():
     assert grads_k.keys() == grads_t.keys()
     for k in grads_t:
         close(grads_k[k], grads_t[k], tol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# backend=auto: the self-test and its fallback, the interpreter refused on CUDA
+# --------------------------------------------------------------------------------------------
+
+
+def test_self_test_passes_the_kernels_and_catches_a_wrong_one(monkeypatch):
+    import mhc_kernels
+    from mhc_train.residual import backend
+
+    assert backend.self_test(torch.device(DEVICE)) is None  # every kernel, forward and backward
+    wrong = mhc_kernels.apply_pre
+    monkeypatch.setattr(mhc_kernels, "apply_pre", lambda x, h: wrong(x, h) * 1.01)
+    reason = backend.self_test(torch.device(DEVICE))
+    assert reason.startswith("kernel apply_pre disagrees with the reference"), reason
+
+    def broken(*args):
+        raise RuntimeError("PTX compilation failed\nmore lines")
+
+    monkeypatch.setattr(mhc_kernels, "apply_pre", broken)
+    assert backend.self_test(torch.device(DEVICE)) == "kernel apply_pre failed: RuntimeError: PTX compilation failed"
+
+
+def test_auto_uses_triton_on_cuda_only_after_the_self_test(monkeypatch):
+    from mhc_train.residual import backend
+
+    cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it here
+    monkeypatch.setattr(backend, "_auto_choice", {})
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    calls = []
+    monkeypatch.setattr(backend, "self_test", lambda d: calls.append(d) or None)
+    assert backend.resolve_backend("auto", cuda) == "triton"
+    assert backend.resolve_backend("auto", cuda) == "triton" and len(calls) == 1  # tested once per device
+    assert backend.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+    monkeypatch.setattr(backend, "_auto_choice", {})
+    monkeypatch.setattr(backend, "self_test", lambda d: "kernel apply_pre failed: RuntimeError: no")
+    with pytest.warns(UserWarning, match="running the torch reference of the mHC ops on cuda:0: kernel apply_pre"):
+        assert backend.resolve_backend("auto", cuda) == "torch"
+    assert backend.resolve_backend("auto", cuda) == "torch"  # warned once, decided for the run
+
+
+def test_interpreted_kernels_are_refused_on_cuda(monkeypatch):
+    from mhc_train.residual import backend
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(backend, "_auto_choice", {})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1 set: the kernels would run in Triton's interpreter"):
+        backend.resolve_backend("triton", cuda)
+    with pytest.warns(UserWarning, match="TRITON_INTERPRET=1 is set"):
+        assert backend.resolve_backend("auto", cuda) == "torch"
+    assert backend.resolve_backend("triton", torch.device("cpu")) == "triton"  # the CPU tests' own use
+
+
+def test_auto_is_the_default_backend():
+    from mhc_train.residual import ResidualConfig
+
+    assert ResidualConfig().backend == "auto"

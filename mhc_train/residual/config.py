@@ -46,8 +46,9 @@ class ResidualConfig:
     fix_pre: bool = False
     fix_post: bool = False
     fix_res: bool = False
-    # Implementation of the mHC ops: torch | triton | auto.
-    backend: str = "torch"
+    # Implementation of the mHC ops: auto (Triton on CUDA after a self-test, torch elsewhere) |
+    # torch | triton (mhc_train/residual/backend.py).
+    backend: str = "auto"
     # Recompute the residual-stream ops in backward over blocks of sublayers (paper Table 3):
     # off, auto (Eq 20's L_r* = round(sqrt(nL/(n+2))), L = sublayers) or a block size L_r.
     recompute: str = "off"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from mhc_train.residual.backend import BACKENDS, dispatch, resolve_backend  # noqa: F401  (re-exported)
 from mhc_train.residual.sinkhorn import sinkhorn_knopp_torch
 from mhc_train.residual.torch_ops import (
     ApplyPost,
@@ -23,35 +24,6 @@ from mhc_train.residual.torch_ops import (
     ReadResMix,
     at_least_fp32,
 )
-
-BACKENDS = ("torch", "triton", "auto")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map a requested backend to the implementation that will run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "triton" and not _triton_available():
-        raise ValueError("backend='triton' requested but the mHC Triton kernels are not available")
-    return backend
-
-
-def _triton_available() -> bool:
-    try:
-        import mhc_kernels  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(mhc_kernels, "mhc_mappings")
-
-
-def _dispatch(name: str, backend: str, device: torch.device):
-    if resolve_backend(backend, device) == "triton":
-        import mhc_kernels
-
-        return getattr(mhc_kernels, name)
-    return None
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -78,7 +50,7 @@ def sinkhorn_knopp(logits: torch.Tensor, t_max: int, backend: str = "torch") -> 
     _check(logits.dim() >= 2 and logits.shape[-1] == logits.shape[-2],
            f"logits must have shape [..., n, n], got {tuple(logits.shape)}")
     _check(int(t_max) >= 1, f"t_max must be >= 1, got {t_max}")
-    kernel = _dispatch("sinkhorn_knopp", backend, logits.device)
+    kernel = dispatch("sinkhorn_knopp", backend, logits.device)
     if kernel is not None:
         return kernel(logits, int(t_max))
     return sinkhorn_knopp_torch(at_least_fp32(logits), int(t_max))
@@ -131,7 +103,7 @@ def mhc_mappings(
     """
     n, c = _check_mapping_inputs(x, phi, alpha, bias)
     width = mapping_width(n)
-    kernel = _dispatch("mhc_mappings", backend, x.device)
+    kernel = dispatch("mhc_mappings", backend, x.device)
     if kernel is not None:
         return kernel(x, phi, alpha, bias, int(t_max), eps)
 
@@ -160,7 +132,7 @@ def mhc_pre_mappings(
     more (from cache) for H_pre x; the torch backend runs it as one autograd node with a
     hand-written backward (``torch_ops.PreMappings``).
     """
-    kernel = _dispatch("fused_pre_mappings", backend, x.device)
+    kernel = dispatch("fused_pre_mappings", backend, x.device)
     if kernel is not None:
         _check_mapping_inputs(x, phi, alpha, bias)
         return kernel(x, phi, alpha, bias, int(t_max), eps)
@@ -188,7 +160,7 @@ def apply_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch") -> t
     n, _ = _check_streams(x)
     _check(tuple(h_pre.shape) == (*x.shape[:-2], n),
            f"h_pre must have shape {(*x.shape[:-2], n)} ([..., n]), got {tuple(h_pre.shape)}")
-    kernel = _dispatch("apply_pre", backend, x.device)
+    kernel = dispatch("apply_pre", backend, x.device)
     if kernel is not None:
         return kernel(x, h_pre)
     return ApplyPre.apply(x, h_pre)
@@ -213,7 +185,7 @@ def apply_post_res(
            f"h_post must have shape {(*lead, n)} ([..., n]), got {tuple(h_post.shape)}")
     _check(tuple(h_res.shape) == (*lead, n, n),
            f"h_res must have shape {(*lead, n, n)} ([..., n, n]), got {tuple(h_res.shape)}")
-    kernel = _dispatch("apply_post_res", backend, x.device)
+    kernel = dispatch("apply_post_res", backend, x.device)
     if kernel is not None:
         return kernel(x, y, h_post, h_res)
     return ApplyPostRes.apply(x, y, h_post, h_res)
