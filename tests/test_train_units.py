@@ -152,3 +152,16 @@ def test_checkpoint_loads_when_some_parameters_have_no_optimizer_state(tmp_path,
     assert f"no optimizer state for {stateless} parameter(s)" in caplog.text  # said, not silent
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_adamw_is_fused_on_cuda_and_foreach_elsewhere():
+    from mhc_train.train.optim import implementation
+
+    class OnCuda:  # stands for a CUDA parameter (no GPU here): only its device is read
+        device = torch.device("cuda", 0)
+
+    assert implementation([OnCuda(), OnCuda()]) == {"fused": True}
+    assert implementation([OnCuda(), torch.zeros(1)]) == {"foreach": None}
+    model = MHCTransformer(load_model_config("tiny"), ResidualConfig(variant="mhc"))
+    opt = build_optimizer(model, lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1)
+    assert not opt.defaults["fused"]

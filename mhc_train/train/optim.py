@@ -64,5 +64,13 @@ def build_optimizer(model: nn.Module, *, lr: float, betas, eps: float, weight_de
         {"params": list(decay.values()), "weight_decay": weight_decay},
         {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
     ]
-    # foreach (the default) keeps CPU runs bitwise reproducible; fused needs CUDA.
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **implementation(params.values()))
+
+
+def implementation(params) -> dict:
+    """AdamW's implementation: fused (one kernel for all parameters) when every parameter is on
+    CUDA, else foreach (the default, which keeps CPU runs bitwise reproducible)."""
+    params = list(params)
+    if params and all(p.device.type == "cuda" for p in params):
+        return {"fused": True}
+    return {"foreach": None}
