@@ -1,5 +1,5 @@
 """mhc-train-plan: the activation formula against CPU measurements, the layout rules, the byte
-accounting and the command line (mhc_train/parallel/planner.py, plan_cli.py)."""
+accounting and the command line (mhc_train/parallel/planner/, plan_cli.py)."""
 
 import contextlib
 import io
