@@ -8,6 +8,8 @@ The interpreter rounds fp32 -> bf16 stores toward zero (GPUs round to nearest ev
 outputs are compared within two bf16 ulps; fp32 within fp32 rounding.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ triton = pytest.importorskip("triton")
 import mhc_kernels  # noqa: E402
 from mhc_kernels._common import check_devices, is_interpreted  # noqa: E402
 from mhc_kernels.sinkhorn import _sinkhorn_fwd_kernel  # noqa: E402
+from mhc_train.bench.gpu_check import SHAPES  # noqa: E402
 from mhc_train.residual import ops  # noqa: E402
 from mhc_train.residual.sinkhorn import sinkhorn_knopp_torch  # noqa: E402
 
@@ -463,3 +466,24 @@ def test_auto_is_the_default_backend():
     from mhc_train.residual import ResidualConfig
 
     assert ResidualConfig().backend == "auto"
+
+
+# --------------------------------------------------------------------------------------------
+# Production shapes: on a GPU with MHC_GPU_SHAPES=1 (make test-gpu); the interpreter keeps its
+# small shapes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.environ.get("MHC_GPU_SHAPES") != "1" or DEVICE != "cuda",
+                    reason="production shapes: a GPU and MHC_GPU_SHAPES=1 (make test-gpu)")
+@pytest.mark.parametrize("c", SHAPES["production"].widths)
+def test_every_kernel_at_production_shapes(c):
+    from mhc_train.bench.gpu_kernels import compare_kernels, stream_inputs
+
+    s = SHAPES["production"]  # tokens = 4 x 8192, n = 4, bf16 streams; tolerances in gpu_kernels
+    try:
+        records = compare_kernels(s.batch * s.seq, s.n, c, s.t_max, s.stream_dtype, torch.device(DEVICE))
+    finally:
+        stream_inputs.cache_clear()
+    failed = [r for r in records if not r["passed"]]
+    assert records and not failed, failed
