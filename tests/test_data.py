@@ -22,9 +22,8 @@ from mhc_train.data import (
     ensure_bundled_dataset, prepare_dataset, read_meta, token_dtype, train_tokenizer,
 )
 from mhc_train.data import atomic, bundled
-from mhc_train.data import prepare as prepare_mod
+from mhc_train.data import tokenize_unit as tokenize_unit_mod
 from mhc_train.data.shakespeare import DOC_SEPARATOR, markdown_to_text
-from mhc_train.data.sources import check_utf8
 
 VOCAB = 512
 
@@ -79,8 +78,8 @@ def tok(corpus, tmp_path_factory) -> Tokenizer:
 @pytest.fixture(scope="module")
 def prepared(corpus, tok, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "ds"
-    # Small shards so the multi-shard paths (no window across a boundary) are exercised.
-    prepare_dataset(corpus["source"], tok, out, shard_tokens=20_000, num_proc=2, progress=False)
+    # Small units, hence shards, so the multi-shard paths (no window across a boundary) are exercised.
+    prepare_dataset(corpus["source"], tok, out, unit_bytes=20_000, num_proc=2, progress=False)
     return out
 
 
@@ -164,8 +163,11 @@ def test_prepared_meta_and_content(prepared, tok, corpus):
     assert len(meta["splits"]["train"]["shards"]) > 1
     assert meta["num_tokens"] == sum(s["num_tokens"] for s in meta["splits"].values())
     check_tokenizer(meta, tok)
+    assert meta["splits"]["train"]["max_token_id"] == max(int(np.fromfile(prepared / s["file"], dtype="<u2").max())
+                                                          for s in meta["splits"]["train"]["shards"])
+    assert meta["preparation"]["lossless_sample"]
     assert _leftovers(prepared)  # sanity: the helper does see shards
-    assert not [p for p in prepared.iterdir() if p.name.startswith(".")]  # scratch cache removed
+    assert not [p for p in prepared.iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
 def test_token_dtype():
@@ -299,16 +301,15 @@ def test_undecodable_bytes(tok, tmp_path):
     with pytest.raises(DataError, match=r"bad\.txt: invalid UTF-8 at byte offset 7"):
         prepare_dataset(Source(files={"train": str(bad)}), tok, out, progress=False)
     assert not out.exists()
-    # Offsets stay exact when a multi-byte character straddles the read chunks.
+    # Offsets stay exact in a file cut into units of 4 bytes (documents read from their starts).
     f = tmp_path / "chunks.txt"
-    f.write_bytes("ab€€".encode() + b"\xc3(")  # € is 3 bytes; \xc3 must be followed by 0x80-0xBF
-    with pytest.raises(DataError, match="byte offset 8"):
-        check_utf8(f, chunk_size=4)
-    f.write_bytes(b"ab\xe2\x82(")  # a truncated € whose first bytes end the first chunk
-    with pytest.raises(DataError, match="byte offset 2"):
-        check_utf8(f, chunk_size=4)
-    f.write_bytes("ab€€".encode())
-    check_utf8(f, chunk_size=4)
+    for data, offset in (("ab€\f\n€".encode() + b"\xc3(", 10), (b"ab\f\n\xe2\x82(", 4)):
+        f.write_bytes(data)
+        with pytest.raises(DataError, match=f"chunks.txt: invalid UTF-8 at byte offset {offset}"):
+            prepare_dataset(Source(files={"train": str(f)}, doc_separator="\f\n"), tok, out, unit_bytes=4,
+                            val_fraction=0, num_proc=1, progress=False)
+        assert not (out / "meta.json").exists()  # the first unit's shard is kept for a resume
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def test_failed_reprepare_keeps_old_dataset(prepared, tok, tmp_path):
@@ -367,23 +368,23 @@ def test_atomic_open_failure_leaves_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("existing", [False, True])
-@pytest.mark.parametrize("shard_tokens", [1 << 20, 5_000])
-def test_failure_mid_shard_write(corpus, tok, tmp_path, monkeypatch, existing, shard_tokens):
+@pytest.mark.parametrize("unit_bytes", [1 << 20, 5_000])
+def test_failure_mid_shard_write(corpus, tok, tmp_path, monkeypatch, existing, unit_bytes):
     """A crash while a shard is being written leaves no final-named shard and no meta.json."""
     out = tmp_path / "out"
     if existing:
         out.mkdir()
-    original = prepare_mod._ShardWriter.write
+    original = tokenize_unit_mod.ShardWriter.write
     seen = []
 
-    def failing_write(self, tokens):
-        original(self, tokens)  # bytes reach the temporary file first...
+    def failing_write(self, tokens, documents):
+        original(self, tokens, documents)  # bytes reach the temporary file first...
         seen.append(self._file is not None and Path(self._file.name).exists())
         raise OSError("disk full")  # ...then the "disk" fails mid-shard
 
-    monkeypatch.setattr(prepare_mod._ShardWriter, "write", failing_write)
+    monkeypatch.setattr(tokenize_unit_mod.ShardWriter, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
-        prepare_dataset(corpus["source"], tok, out, shard_tokens=shard_tokens, num_proc=1, progress=False)
+        prepare_dataset(corpus["source"], tok, out, unit_bytes=unit_bytes, num_proc=1, progress=False)
     assert seen == [True]  # the failure really happened with a temporary shard open
     assert _leftovers(out) == []
     assert out.exists() == existing  # a directory we created is removed again

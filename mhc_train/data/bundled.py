@@ -54,18 +54,21 @@ def _is_complete(path: Path, vocab_size: int) -> bool:
 
 def build_bundled_dataset(out_dir: str | os.PathLike, vocab_size: int = 4096, *,
                           num_proc: int | None = None, progress: bool = False) -> dict:
-    """Build corpus (``out_dir/corpus``), tokenizer and shards into ``out_dir``; returns meta."""
+    """Build corpus (``out_dir/corpus``), tokenizer and shards into ``out_dir``; returns meta.
+    ``num_proc``: threads for training the tokenizer."""
     out_dir = Path(out_dir)
     corpus = write_corpus(out_dir / "corpus")
     source = Source(files={"train": str(out_dir / "corpus" / "train.txt"),
                            "validation": str(out_dir / "corpus" / "val.txt")},
                     doc_separator=DOC_SEPARATOR)
     tokenizer = train_tokenizer_from_source(source, out_dir / TOKENIZER_NAME, vocab_size=vocab_size,
-                                            num_threads=num_proc, progress=progress)
+                                            num_threads=num_proc)
     extra = {"bundled": {"recipe_version": RECIPE_VERSION, "vocab_size": vocab_size,
                          "corpus_sha256": corpus["sha256"], "package": corpus["package"],
                          "package_version": corpus["package_version"]}}
-    return prepare_dataset(source, tokenizer, out_dir, num_proc=num_proc, progress=progress, extra_meta=extra)
+    # One process: the corpus is two units (train, validation), and worker processes would be
+    # spawned from whatever program asked for the data (the trainer, under torchrun).
+    return prepare_dataset(source, tokenizer, out_dir, num_proc=1, progress=progress, extra_meta=extra)
 
 
 def ensure_bundled_dataset(cache_dir: str | os.PathLike | None = None, vocab_size: int = 4096, *,

@@ -1,237 +1,313 @@
-"""Tokenize a document source into packed token shards (see ``meta.py`` for the format).
+"""Tokenize a document source into packed token shards (format: ``meta.py``), streaming, in
+worker processes, resumable, and in parts that several machines can run.
 
-Order of work, chosen so that failures never leave a directory that looks usable:
+    plan = make_plan(source, tokenizer, ...)     cut the inputs into units; every input check; nothing written
+    out_dir/progress/plan.json                   written first
+    each unit of this part, not done yet:        a worker streams its documents, tokenizes them and
+        train_{u}.bin [validation_{u}.bin]       writes its shards (temporary name, then renamed)
+        progress/done/{split}_{u}.json           then the coordinator marks it done
+    all units of all parts done?  meta.json      written last: the directory is now complete
 
-1. load and check every split (missing files, bad UTF-8, empty data) - nothing written yet;
-2. tokenize in parallel with ``Dataset.map(batched=True, num_proc=...)``, in a scratch cache;
-3. remove any old ``meta.json`` (the directory is now "incomplete" to every reader);
-4. write shards, each under a temporary name, renamed into place when full;
-5. write ``meta.json`` last, atomically.
+Resume: run the same command again; units with a valid done record are skipped, the rest redone
+from their start (a unit is at most ``unit_bytes`` of input). Parts: ``part=(i, N)`` takes every
+N-th unit; N machines write into one shared directory (the last to finish writes meta.json), or
+into their own directories joined by ``merge_parts``. Either way the shards are byte-identical to
+a single uninterrupted run: a unit's shards depend on the unit alone.
+
+Disk: the output, plus one temporary shard per worker; no copy of the corpus (``datasets`` is used
+in streaming mode for hub sources, local files are read directly).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import multiprocessing
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import Any, Callable
 
 from . import atomic
 from .errors import DataError
-from .meta import FORMAT, META_NAME, TOKENIZER_NAME, VERSION, dtype_name, token_dtype
-from .sources import Source, load_split, progress_bars
-from .tokenizer import Tokenizer
+from .hf_tokenizer import CONFIG_NAME
+from .meta import FORMAT, META_NAME, VERSION, dtype_name, token_dtype
+from .progress import (
+    PROGRESS_DIR, all_units, done_records, link_or_copy, part_lock, part_units, read_plan, records_summary,
+    remove_temporaries, unit_files, write_done, write_plan,
+)
+from .sources import Source
+from .tokenize_unit import init_worker, reset_worker, tokenize_unit, unit_outputs
+from .tokenizer import load_tokenizer
+from .units import hub_splits, plan_split
 
-DEFAULT_SHARD_TOKENS = 1 << 28  # 256 Mi tokens = 512 MiB of uint16: few files, cheap to mmap
+log = logging.getLogger(__name__)
 
-_WORKER_TOKENIZERS: dict[str, Tokenizer] = {}  # per-process cache; map workers load the model once
-
-
-def _split_docs(batch: dict, doc_separator: str | None) -> dict:
-    """``Dataset.map`` function: records -> non-empty documents (split on ``doc_separator``).
-
-    A separate, cheap pass so that a source made of a few huge records (a whole text file per
-    record) still yields many rows for the parallel tokenization pass to spread over processes.
-    """
-    docs = []
-    for text in batch["text"]:
-        if text:
-            docs.extend(d for d in (text.split(doc_separator) if doc_separator else (text,)) if d)
-    return {"text": docs}
+DEFAULT_UNIT_BYTES = 64 << 20  # input per unit (~16M tokens, ~1 min of one core): the resume granularity
+PLAN_FORMAT = "mhc-train-prepare-plan"
 
 
-def _tokenize_batch(batch: dict, model_path: str) -> dict:
-    """``Dataset.map`` function: documents -> token ids with EOS appended, and their lengths.
-
-    Module-level (not a closure) with the model *path* as argument so worker processes can pickle
-    it cheaply and load the model once each.
-    """
-    tok = _WORKER_TOKENIZERS.get(model_path)
-    if tok is None:
-        tok = _WORKER_TOKENIZERS[model_path] = Tokenizer(model_path)
-    ids = tok.encode_batch(batch["text"])
-    eos = tok.eos_id
-    for row in ids:
-        row.append(eos)
-    return {"ids": ids, "n": [len(r) for r in ids]}
+def _portable(plan: dict) -> dict:
+    """The plan without what differs between machines preparing the same corpus (absolute paths)."""
+    view = json.loads(json.dumps(plan))
+    view.pop("id", None)
+    view["source"].pop("files", None)
+    for sp in view["splits"].values():
+        sp.pop("where", None)
+        for f in sp["files"]:
+            f.pop("path", None)
+    return view
 
 
-def _tokenize(ds, tokenizer: Tokenizer, source: Source, num_proc: int):
-    import datasets
-
-    ds = ds.map(_split_docs, batched=True, batch_size=64, remove_columns=ds.column_names,
-                fn_kwargs={"doc_separator": source.doc_separator}, desc="splitting documents")
-    features = datasets.Features({"ids": datasets.List(datasets.Value("int32")), "n": datasets.Value("int64")})
-    # Each worker costs ~1 s to start; only worth it with enough documents to share out.
-    num_proc = max(1, min(num_proc, len(ds) // 8))
-    return ds.map(
-        _tokenize_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=ds.column_names, features=features, desc="tokenizing",
-        fn_kwargs={"model_path": str(tokenizer.path)},
-    )
-
-
-def _hold_out(ds, fraction: float, seed: int):
-    """Split documents into (train, validation) by a seeded random choice; keeps train in order."""
-    n = len(ds)
-    k = max(1, round(n * fraction))
-    if n < 2 or k >= n:
-        raise DataError(f"cannot hold out {fraction:.1%} of {n} document(s) for validation; "
-                        "give validation files or set val_fraction=0")
-    val = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-    keep = np.ones(n, dtype=bool)
-    keep[val] = False
-    return ds.select(np.flatnonzero(keep)), ds.select(val)
+def make_plan(source: Source, tokenizer, *, unit_bytes: int = DEFAULT_UNIT_BYTES, val_fraction: float = 0.01,
+              seed: int = 0, extra_meta: dict | None = None) -> dict[str, Any]:
+    """Everything a preparation will do, decided before anything is written: the units of each
+    split, the carve-out, the tokenizer and the token dtype. Its ``id`` is a hash of the portable
+    part, equal on every machine that sees the same inputs and settings."""
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
+    splits = hub_splits(source) if source.hub_name else source.splits()
+    if "train" not in splits:
+        raise DataError(f"{source.hub_name or 'the source'}: has no 'train' split")
+    plan = {
+        "format": PLAN_FORMAT, "version": 1,
+        "tokenizer": {"kind": tokenizer.kind, "file": tokenizer.file_name, "sha256": tokenizer.sha256,
+                      "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id},
+        "dtype": dtype_name(token_dtype(tokenizer.vocab_size)),
+        "unit_bytes": unit_bytes, "val_fraction": val_fraction, "seed": seed,
+        "carve_every": max(2, round(1 / val_fraction)) if "validation" not in splits and val_fraction > 0 else 0,
+        "source": source.describe(), "extra": extra_meta or {},
+        "splits": {s: plan_split(source, s, unit_bytes) for s in splits},
+    }
+    plan["id"] = hashlib.sha256(json.dumps(_portable(plan), sort_keys=True).encode()).hexdigest()[:24]
+    return plan
 
 
-class _ShardWriter:
-    """Streams token arrays into ``{split}_{i:05d}.bin`` files of at most ``shard_tokens`` tokens."""
-
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
-        self.shards: list[dict[str, Any]] = []
-        self._ctx = self._file = None
-        self._count = 0
-
-    def write(self, tokens: np.ndarray) -> None:
-        tokens = tokens.astype(self.dtype, copy=False)
-        while len(tokens):
-            if self._file is None:
-                name = f"{self.split}_{len(self.shards):05d}.bin"
-                self._ctx = atomic.atomic_open(self.out_dir / name, "wb")
-                self._file, self._name, self._count = self._ctx.__enter__(), name, 0
-            take = min(len(tokens), self.shard_tokens - self._count)
-            self._file.write(tokens[:take].tobytes())
-            self._count += take
-            tokens = tokens[take:]
-            if self._count == self.shard_tokens:
-                self._finish()
-
-    def _finish(self) -> None:
-        self._ctx.__exit__(None, None, None)  # fsync + rename into place
-        self.shards.append({"file": self._name, "num_tokens": self._count})
-        self._ctx = self._file = None
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._finish()
-
-    def abort(self, exc: BaseException) -> None:
-        if self._ctx is not None:  # removes the temporary file; no final name ever appears
-            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
-            self._ctx = self._file = None
+def _check_part(part: tuple[int, int]) -> tuple[int, int]:
+    i, n = part
+    if n < 1 or not 0 <= i < n:
+        raise DataError(f"part {i}/{n}: need 0 <= i < N")
+    return i, n
 
 
-def _write_split(tokenized, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int,
-                 progress: bool) -> dict[str, Any]:
-    import pyarrow.compute as pc
-    from tqdm.auto import tqdm
+def _differs(old: dict, new: dict) -> str:
+    a, b = _portable(old), _portable(new)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(keys) or "inputs"
 
-    total = int(pc.sum(tokenized.with_format("arrow")["n"]).as_py())  # honours select() indices
-    writer = _ShardWriter(out_dir, split, dtype, shard_tokens)
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"writing {split}", disable=not progress)
-    try:
-        for table in tokenized.with_format("arrow").iter(batch_size=4096):
-            # Flatten the list<int32> column in Arrow: no per-token (or per-document) Python.
-            for chunk in table.column("ids").chunks:
-                arr = chunk.flatten().to_numpy(zero_copy_only=False)
-                writer.write(arr)
-                bar.update(len(arr))
-        writer.close()
-    except BaseException as e:
-        writer.abort(e)
-        raise
-    finally:
-        bar.close()
-    written = sum(s["num_tokens"] for s in writer.shards)
-    assert written == total, (written, total)
-    return {"num_tokens": total, "num_documents": len(tokenized), "shards": writer.shards}
+
+def _existing(out_dir: Path, plan: dict, overwrite: bool) -> tuple[dict | None, bool]:
+    """(the complete meta when ``out_dir`` already holds this preparation, whether another one must
+    be cleared first). Another preparation is refused unless ``overwrite``."""
+    old_plan = read_plan(out_dir) if out_dir.is_dir() else None
+    has_meta = (out_dir / META_NAME).is_file()
+    if old_plan is not None and old_plan["id"] == plan["id"]:
+        return (json.loads((out_dir / META_NAME).read_text(encoding="utf-8")) if has_meta else None), False
+    if old_plan is None and not has_meta:
+        return None, False
+    if not overwrite:
+        what = "a prepared dataset" if has_meta else "an unfinished preparation"
+        differs = f" (differs in: {_differs(old_plan, plan)})" if old_plan else ""
+        raise DataError(f"{out_dir}: holds {what} of other inputs or settings{differs}; run the same command "
+                        "as before to resume it, choose another directory, or pass --overwrite (overwrite=True)")
+    return None, True
+
+
+def _clear(out_dir: Path) -> None:
+    """Remove another preparation's outputs (not the lock files: this process holds one)."""
+    (out_dir / META_NAME).unlink(missing_ok=True)
+    progress = out_dir / PROGRESS_DIR
+    shutil.rmtree(progress / "done", ignore_errors=True)
+    (progress / "plan.json").unlink(missing_ok=True)
+    for old in list(out_dir.glob("train_*.bin")) + list(out_dir.glob("validation_*.bin")):
+        old.unlink()
+
+
+def _run_units(todo, plan: dict, source: Source, tokenizer, out_dir: Path, num_proc: int):
+    """Done records of the units in ``todo`` as they finish: in this process, or in a pool of
+    ``num_proc`` spawned workers (spawn: no inherited threads or tokenizer state)."""
+    if num_proc <= 1 or len(todo) <= 1:
+        init_worker(plan, source, tokenizer, str(out_dir))
+        try:
+            yield from map(tokenize_unit, todo)
+        finally:
+            reset_worker()
+        return
+    spec = (str(out_dir / tokenizer.file_name), getattr(tokenizer, "eos_token", None))
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(num_proc, len(todo)), init_worker, (plan, source, spec, str(out_dir), os.getpid())) as pool:
+        yield from pool.imap_unordered(tokenize_unit, todo)
 
 
 def prepare_dataset(
     source: Source,
-    tokenizer: Tokenizer | str | os.PathLike,
+    tokenizer,
     out_dir: str | os.PathLike,
     *,
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    unit_bytes: int = DEFAULT_UNIT_BYTES,
     num_proc: int | None = None,
     val_fraction: float = 0.01,
     seed: int = 0,
+    part: tuple[int, int] = (0, 1),
+    overwrite: bool = False,
+    eos_token: str | None = None,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Tokenize ``source`` into ``out_dir`` (train and validation splits); returns the meta dict.
+    on_unit_done: Callable[[dict], None] | None = None,
+) -> dict[str, Any] | None:
+    """Tokenize ``source`` into ``out_dir``; returns the meta dict, or None when this part is done
+    but other parts are not yet.
 
-    If the source has no validation split, ``val_fraction`` of the train documents (seeded choice,
-    at least one) are held out instead; ``val_fraction=0`` prepares train only. ``extra_meta`` is
-    stored under ``meta["extra"]`` (the bundled dataset records its recipe version there).
+    ``tokenizer``: a SentencePiece ``.model``, a ``tokenizer.json`` or a Hugging Face directory (or a
+    loaded one). Without a validation split, one document in round(1 / ``val_fraction``) of the
+    train documents is held out (``val_fraction=0``: train only). ``extra_meta`` is stored under
+    ``meta["extra"]``. ``on_unit_done(record)`` is called after each unit is marked done.
+    Running it again resumes; a directory holding another preparation is refused unless
+    ``overwrite``.
     """
-    tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    tokenizer = load_tokenizer(tokenizer, eos_token)
+    part = _check_part(part)
     out_dir = Path(out_dir)
-    if shard_tokens < 1:
-        raise DataError(f"shard_tokens={shard_tokens} must be positive")
-    if "train" not in source.splits():
-        raise DataError("the source has no 'train' split")
-    dtype = token_dtype(tokenizer.vocab_size)
-    num_proc = num_proc or min(8, os.cpu_count() or 1)
-    created = not out_dir.exists()  # if we made it and fail, we remove it: nothing half-made stays
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Scratch Arrow cache on the output's file system (it can be as big as the output itself).
-    scratch = Path(tempfile.mkdtemp(prefix=".hf-cache-", dir=out_dir))
-    tokenized: dict[str, Any] = {}
-    writing = False
-    try:
-        with progress_bars(progress):
-            # 1-2: load, check and tokenize everything before touching existing outputs.
-            where: dict[str, str] = {}
-            for split in source.splits():
-                ds, where[split] = load_split(source, split, cache_dir=scratch)
-                tokenized[split] = _tokenize(ds, tokenizer, source, num_proc)
-                if len(tokenized[split]) == 0:
-                    raise DataError(f"{where[split]}: no non-empty documents")
-            if "validation" not in tokenized and val_fraction > 0:
-                tokenized["train"], tokenized["validation"] = _hold_out(tokenized["train"], val_fraction, seed)
-                where["validation"] = f"{val_fraction:g} of {where['train']} (seed {seed})"
-
-        # 3-5: invalidate, write shards, then meta.json.
-        writing = True
-        (out_dir / META_NAME).unlink(missing_ok=True)
-        _remove_shards(out_dir, tokenized)
-        tok_file = out_dir / TOKENIZER_NAME
-        if tokenizer.path.resolve() != tok_file.resolve():
-            atomic.write_bytes(tok_file, tokenizer.path.read_bytes())
-        splits = {split: _write_split(t, out_dir, split, dtype, shard_tokens, progress)
-                  for split, t in tokenized.items()}
-        for split, info in splits.items():
-            info["source"] = _relative_to(where[split], out_dir)
-        described = source.describe()
-        described["files"] = {k: [_relative_to(f, out_dir) for f in v] for k, v in described["files"].items()}
-        meta = {
-            "format": FORMAT, "version": VERSION,
-            "dtype": dtype_name(dtype), "byteorder": "little",
-            "tokenizer": {"file": TOKENIZER_NAME, "sha256": tokenizer.sha256,
-                          "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-                          "bos_id": tokenizer.bos_id},
-            "source": described,
-            "splits": splits,
-            "num_tokens": sum(s["num_tokens"] for s in splits.values()),
-            "extra": extra_meta or {},
-        }
-        atomic.write_json(out_dir / META_NAME, meta)
+    plan = make_plan(source, tokenizer, unit_bytes=unit_bytes, val_fraction=val_fraction, seed=seed,
+                     extra_meta=extra_meta)
+    meta, clear = _existing(out_dir, plan, overwrite)
+    if meta is not None:
+        log.info("%s: already complete", out_dir)
         return meta
-    except BaseException:
-        if created:
-            tokenized.clear()
-            shutil.rmtree(out_dir, ignore_errors=True)
-        elif writing:  # shards of an unfinished run are useless without meta.json
-            _remove_shards(out_dir, tokenized)
-        raise
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with part_lock(out_dir, part):
+        todo: list[tuple[str, int]] = []
+        try:
+            if clear:
+                _clear(out_dir)
+            tokenizer.save_to(out_dir)
+            write_plan(out_dir, plan)
+            done = done_records(out_dir, plan)
+            todo = [u for u in part_units(plan, part) if u not in done]
+            remove_temporaries(out_dir, plan, todo)
+            _work(todo, plan, source, tokenizer, out_dir, num_proc or min(8, os.cpu_count() or 1),
+                  progress, on_unit_done)
+            return _finish(out_dir, plan)
+        except BaseException:
+            remove_temporaries(out_dir, plan, todo)
+            if created and not any(r["outputs"][s]["num_tokens"] for r in done_records(out_dir, plan).values()
+                                   for s in r["outputs"]):
+                shutil.rmtree(out_dir, ignore_errors=True)  # nothing of value: leave nothing behind
+            raise
+
+
+def _work(todo, plan, source, tokenizer, out_dir: Path, num_proc: int, progress: bool, on_unit_done) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), unit="unit", desc=f"tokenizing {out_dir.name}", disable=not progress)
+    records = _run_units(todo, plan, source, tokenizer, out_dir, num_proc)
+    try:
+        for record in records:
+            write_done(out_dir, record)
+            bar.update(1)
+            if on_unit_done is not None:
+                on_unit_done(record)
     finally:
-        tokenized.clear()  # drop datasets' handles on the scratch Arrow files before deleting them
-        shutil.rmtree(scratch, ignore_errors=True)
+        records.close()  # on an error: stop the workers now, before their temporaries are removed
+        bar.close()
+
+
+def _finish(out_dir: Path, plan: dict) -> dict | None:
+    """Write meta.json when every unit of every part is done (idempotent)."""
+    records = done_records(out_dir, plan)
+    if len(records) < len(all_units(plan)):
+        log.info("%s: this part is done; %s", out_dir, records_summary(records, plan))
+        return None
+    meta = assemble_meta(plan, records, out_dir)
+    atomic.write_json(out_dir / META_NAME, meta)
+    return meta
+
+
+def assemble_meta(plan: dict, records: dict, out_dir: Path) -> dict[str, Any]:
+    """meta.json from the plan and every unit's record, shards in unit order."""
+    splits = {}
+    for out in ("train", "validation"):
+        producers = [s for s in plan["splits"] if out in unit_outputs(plan, s)]
+        if not producers:
+            continue
+        parts = [records[(s, i)]["outputs"][out] for s in producers for i in range(len(plan["splits"][s]["units"]))]
+        where = plan["splits"][producers[0]]["where"]
+        if out not in plan["splits"]:
+            where = f"one document in {plan['carve_every']} of {where} (seed {plan['seed']})"
+        docs = sum(p["num_documents"] for p in parts)
+        if docs == 0:
+            hint = ""
+            if out not in plan["splits"]:
+                hint = (f" ({splits['train']['num_documents']} train documents in {len(parts)} units of about "
+                        f"{plan['unit_bytes']} bytes); give validation files, or a larger val_fraction (with "
+                        f"overwrite, to redo {out_dir})")
+            raise DataError(f"{where}: no non-empty documents{hint}")
+        shards = [{"file": p["file"], "num_tokens": p["num_tokens"], "sha256": p["sha256"]} for p in parts if p["file"]]
+        splits[out] = {"num_documents": docs, "num_tokens": sum(p["num_tokens"] for p in parts),
+                       "max_token_id": max(p["max_token_id"] for p in parts), "shards": shards,
+                       "source": _relative_to(where, out_dir)}
+    described = dict(plan["source"])
+    described["files"] = {k: [_relative_to(f, out_dir) for f in v] for k, v in described["files"].items()}
+    lossless = all(r["lossless"] for r in records.values())
+    if not lossless:
+        log.warning("%s: the tokenizer does not give some documents back exactly (decode(encode(text)) != text)",
+                    plan["tokenizer"]["file"])
+    return {
+        "format": FORMAT, "version": VERSION,
+        "dtype": plan["dtype"], "byteorder": "little",
+        "tokenizer": dict(plan["tokenizer"]),
+        "source": described,
+        "splits": splits,
+        "num_tokens": sum(s["num_tokens"] for s in splits.values()),
+        "preparation": {"plan_id": plan["id"], "unit_bytes": plan["unit_bytes"], "units": len(records),
+                        "val_fraction": plan["val_fraction"], "seed": plan["seed"], "lossless_sample": lossless},
+        "extra": plan["extra"],
+    }
+
+
+def merge_parts(out_dir: str | os.PathLike, part_dirs: list[str | os.PathLike]) -> dict[str, Any]:
+    """Join parts prepared into separate directories (``part=(i, N)`` each) into ``out_dir``
+    (which may be one of them): checks that they share one plan and together hold every unit,
+    hard-links (or copies) their shards, writes meta.json. Returns the meta dict."""
+    out_dir = Path(out_dir)
+    plans = []
+    for d in map(Path, part_dirs):
+        p = read_plan(d) if d.is_dir() else None
+        if p is None:
+            raise DataError(f"{d}: not a (partial) preparation: no {PROGRESS_DIR}/plan.json")
+        if plans and p["id"] != plans[0][1]["id"]:
+            raise DataError(f"{d}: prepared with another plan than {plans[0][0]} (differs in: "
+                            f"{_differs(plans[0][1], p)}); parts must be prepared with the same inputs and settings")
+        plans.append((d, p))
+    if not plans:
+        raise DataError("merge_parts: no part directories given")
+    plan = plans[0][1]
+    _existing(out_dir, plan, overwrite=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_plan(out_dir, plan)
+    have = done_records(out_dir, plan)
+    for d, _ in plans:
+        if d.resolve() == out_dir.resolve():
+            continue
+        for key, record in done_records(d, plan).items():
+            if key in have:
+                continue
+            for name in unit_files(plan, *key):
+                if (d / name).is_file():
+                    link_or_copy(d / name, out_dir / name)
+            write_done(out_dir, record)
+            have[key] = record
+        for name in (plan["tokenizer"]["file"], CONFIG_NAME):
+            if not (out_dir / name).is_file() and (d / name).is_file():
+                link_or_copy(d / name, out_dir / name)
+    if len(have) < len(all_units(plan)):
+        raise DataError(f"{out_dir}: the parts are incomplete: {records_summary(have, plan)}; run the missing "
+                        "parts (or resume them) and merge again")
+    meta = _finish(out_dir, plan)
+    assert meta is not None
+    return meta
 
 
 def _relative_to(path: str, out_dir: Path) -> str:
@@ -241,9 +317,3 @@ def _relative_to(path: str, out_dir: Path) -> str:
         return str(Path(path).resolve().relative_to(out_dir.resolve()))
     except (ValueError, OSError):
         return path
-
-
-def _remove_shards(out_dir: Path, splits) -> None:
-    for split in splits:
-        for old in out_dir.glob(f"{split}_*.bin"):
-            old.unlink(missing_ok=True)

@@ -36,6 +36,9 @@ class Tokenizer:
     """Thin wrapper over a SentencePiece model file, plus its sha256 (recorded in prepared data so a
     model is never trained or evaluated with token ids from a different tokenizer)."""
 
+    kind = "sentencepiece"
+    file_name = "tokenizer.model"  # its name in a prepared directory
+
     def __init__(self, model_path: str | os.PathLike):
         import sentencepiece as spm
 
@@ -80,11 +83,12 @@ class Tokenizer:
             ids += self._sp.encode(part)
         return ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encode many texts; SentencePiece's batched call avoids per-text Python overhead."""
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        """Encode many texts; SentencePiece's batched call avoids per-text Python overhead.
+        ``num_threads`` None: SentencePiece's default (every core); the preparation passes 1."""
         if any(META_SYMBOL in t for t in texts):
             return [self.encode(t) for t in texts]
-        return self._sp.encode(list(texts))
+        return self._sp.encode(list(texts), num_threads=-1 if num_threads is None else num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Inverse of ``encode``; also accepts numpy arrays and torch tensors."""
@@ -95,8 +99,38 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
+    def save_to(self, out_dir: Path) -> str:
+        """Copy the model into ``out_dir`` (a prepared directory); returns its file name."""
+        atomic.write_bytes(out_dir / self.file_name, self.path.read_bytes())
+        return self.file_name
+
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def load_tokenizer(path: str | os.PathLike, eos_token: str | None = None):
+    """A SentencePiece ``.model`` (or a directory holding only ``tokenizer.model``, e.g. a prepared
+    one) -> ``Tokenizer``; a ``tokenizer.json``, or a directory with one (or loadable by
+    ``AutoTokenizer``) -> ``HFTokenizer``. ``eos_token`` names the end-of-document token of a
+    Hugging Face tokenizer (SentencePiece models have theirs built in)."""
+    from .hf_tokenizer import CONFIG_NAME, JSON_NAME, HFTokenizer
+
+    if isinstance(path, (Tokenizer, HFTokenizer)):
+        return path
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: tokenizer not found")
+    hf_files = p.is_dir() and ((p / JSON_NAME).is_file() or (p / CONFIG_NAME).is_file())
+    if p.is_dir() and not hf_files and (p / Tokenizer.file_name).is_file():
+        p = p / Tokenizer.file_name
+    if p.is_file() and p.suffix != ".json":
+        if eos_token is not None:
+            raise DataError(f"{p}: eos_token applies to Hugging Face tokenizers only (a SentencePiece "
+                            "model has its own EOS)")
+        return Tokenizer(p)
+    if p.is_dir() and not hf_files:
+        raise DataError(f"{p}: directory has no tokenizer.json, tokenizer_config.json or tokenizer.model")
+    return HFTokenizer(p, eos_token=eos_token)
 
 
 def _lines(texts: Iterable[str]) -> Iterable[str]:
@@ -171,26 +205,9 @@ def train_tokenizer(
 
 
 def train_tokenizer_from_source(source, model_path: str | os.PathLike, *, split: str = "train",
-                                max_documents: int | None = None, progress: bool = False,
-                                **kwargs) -> Tokenizer:
-    """Train on one split of a ``Source`` (see ``sources.py``); ``kwargs`` go to ``train_tokenizer``.
+                                max_documents: int | None = None, **kwargs) -> Tokenizer:
+    """Train on one split of a ``Source`` (see ``sources.py``), streamed; ``kwargs`` go to
+    ``train_tokenizer``. ``max_documents`` caps how much of a huge source is read (from its start)."""
+    from .units import source_documents
 
-    ``max_documents`` caps how much of a huge source is read (from its start).
-    """
-    import tempfile
-
-    from .sources import load_split, progress_bars
-
-    with tempfile.TemporaryDirectory(prefix="mhc-tok-") as cache:
-        with progress_bars(progress):
-            ds, _ = load_split(source, split, cache_dir=cache)
-        if max_documents is not None:
-            ds = ds.select(range(min(max_documents, len(ds))))
-
-        def texts():
-            sep = source.doc_separator
-            for batch in ds.iter(batch_size=256):
-                for t in batch["text"]:
-                    yield from (t.split(sep) if sep else (t,))
-
-        return train_tokenizer(texts(), model_path, **kwargs)
+    return train_tokenizer(source_documents(source, split, max_documents), model_path, **kwargs)

@@ -2,7 +2,9 @@
 
 Keys and values pass through a compressed latent of rank ``kv_lora_rank`` (RMS-normed); a
 separate ``qk_rope_head_dim`` slice carries the position (RoPE), shared by all heads for keys.
-Queries are optionally compressed too (``q_lora_rank`` > 0). Causal SDPA does the attention.
+Queries are optionally compressed too (``q_lora_rank`` > 0). Causal SDPA does the attention; with
+packed documents (``data.document_mask``) a block-diagonal causal mask from the tokens' segment ids
+keeps each document to itself (``document_mask``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,15 @@ from torch import nn
 from mhc_train.model.config import ModelConfig
 from mhc_train.model.rope import apply_rope
 from mhc_train.norm import RMSNorm
+
+
+def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask [B, 1, S, S] (True: may attend) from ``segment_ids [B, S]``: causal and
+    within one document. Every row keeps its diagonal, so no softmax is over nothing."""
+    s = segment_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)
+    return (same & causal).unsqueeze(1)
 
 
 class MLA(nn.Module):
@@ -33,7 +44,9 @@ class MLA(nn.Module):
         self.wo = nn.Linear(h * dv, cfg.dim, bias=False)
         self.scale = (dn + dr) ** -0.5
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: None for plain causal attention, else ``document_mask``'s [B, 1, S, S]."""
         cfg = self.cfg
         b, s, _ = x.shape
         h, dn, dr, dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -50,5 +63,8 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin).expand(b, h, s, dr)
         k = torch.cat([k_nope, k_pe], dim=-1)
 
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.wo(out.transpose(1, 2).reshape(b, s, h * dv))

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mhc_train.model.attention import MLA
+from mhc_train.model.attention import MLA, document_mask
 from mhc_train.model.config import ModelConfig
 from mhc_train.model.ffn import SwiGLU
 from mhc_train.model.moe import MoE, RoutedExperts, Router
-from mhc_train.model.rope import rope_angles
+from mhc_train.model.rope import document_positions, rope_angles, rope_angles_at
 from mhc_train.norm import RMSNorm
 from mhc_train.residual import (
     ResidualConfig,
@@ -74,9 +74,11 @@ class Block(nn.Module):
         self.is_moe = index >= cfg.n_dense_layers
         self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.dim, cfg.ffn_dim_dense)
 
-    def forward(self, streams: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], regions=None) -> torch.Tensor:
+    def forward(self, streams: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], regions=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         regions = regions or PLAIN_REGIONS
-        streams = self._sublayer(0, self.attn_conn, self.attn_norm, lambda a: self.attn(a, rope), streams, regions)
+        streams = self._sublayer(0, self.attn_conn, self.attn_norm, lambda a: self.attn(a, rope, mask),
+                                 streams, regions)
         return self._sublayer(1, self.ffn_conn, self.ffn_norm, self.ffn, streams, regions)
 
     def _sublayer(self, j, conn, norm, layer, streams, regions) -> torch.Tensor:
@@ -184,14 +186,24 @@ class MHCTransformer(nn.Module):
         """streams [B, S, n, C] -> logits [B, S, V] (the last pipeline stage's job)."""
         return self.head(self.norm(self.contract(streams)))
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> LMOutput:
+        """``segment_ids [B, S]`` (packed documents, ``data.document_mask``): attention stays within
+        each document and RoPE positions restart at each, as if every document were fed alone."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor [B, S], got {tuple(tokens.shape)} {tokens.dtype}")
         rope = self.rope(tokens.shape[1], tokens.device)
+        mask = None
+        if segment_ids is not None:
+            if segment_ids.shape != tokens.shape:
+                raise ValueError(f"segment_ids {tuple(segment_ids.shape)} must have the shape of tokens "
+                                 f"{tuple(tokens.shape)}")
+            rope = rope_angles_at(document_positions(segment_ids), self.cfg.qk_rope_head_dim, self.cfg.rope_theta)
+            mask = document_mask(segment_ids)
         streams = self.embed_streams(tokens)
         regions = self.recompute_plan()
         for block in self.blocks:
-            streams = block(streams, rope, regions)
+            streams = block(streams, rope, regions, mask)
         logits = self.head_logits(streams)
         if targets is None:
             return LMOutput(logits)

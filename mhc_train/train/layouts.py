@@ -11,7 +11,7 @@ differs between engines. All three share one shape of step:
       reduce_router_loads(routers)                 -> the loads every rank's bias update sees
       update(grad_clip, allowed)                   -> (grad norm before clipping, applied?)
       zero_grad()
-    eval_loss(inputs, targets, autocast)           -> mean CE of one validation batch (every rank)
+    eval_loss(inputs, targets, autocast[, segment_ids])  -> mean CE of one validation batch (every rank)
     reduce_sum(t)                                  validation totals over data-parallel ranks
     residual_gains(batch, sequences)               per-layer H_res and Amax gains (every rank)
     state_dicts() / load_state_dicts(...)          FQN-keyed model + optimizer state for DCP
@@ -164,22 +164,23 @@ class DataParallelLayout(Layout):
         return self._step_unless_skipped(self._clip(params, grad_clip), allowed)
 
     @torch.no_grad()
-    def eval_loss(self, inputs, targets, autocast) -> torch.Tensor:
+    def eval_loss(self, inputs, targets, autocast, segment_ids=None) -> torch.Tensor:
         with autocast():
-            return self.wrapped.forward_module(inputs, targets).ce_loss.float()
+            return self.wrapped.forward_module(inputs, targets, segment_ids=segment_ids).ce_loss.float()
 
 
 def model_steps(forward: nn.Module, batches, autocast: Callable, inject: bool, sync: Callable,
                 device: torch.device) -> torch.Tensor:
     """Forward and backward of each micro-batch through ``forward`` (the model or its DDP / FSDP
     wrapper); ``sync(i, last)`` is entered around micro-batch i and controls the gradient
-    reduction. Returns this rank's (loss, ce, aux), averaged over the micro-batches."""
+    reduction. A batch is (inputs, targets) or, with data.document_mask, (inputs, targets,
+    segment_ids). Returns this rank's (loss, ce, aux), averaged over the micro-batches."""
     accum = len(batches)
     sums = torch.zeros(3, device=device)  # loss, ce, aux
-    for i, (inputs, targets) in enumerate(batches):
+    for i, (inputs, targets, *segment_ids) in enumerate(batches):
         with sync(i, i == accum - 1):
             with autocast():
-                out = forward(inputs, targets)
+                out = forward(inputs, targets, *segment_ids)
             loss = out.loss * float("nan") if inject else out.loss
             (loss / accum).backward()
         sums += _parts(loss, out)
@@ -201,9 +202,9 @@ class DeepSpeedLayout(Layout):
 
     def forward_backward(self, batches, autocast: Callable, inject: bool):
         sums = torch.zeros(3, device=self.device)
-        for i, (inputs, targets) in enumerate(batches):
+        for i, (inputs, targets, *segment_ids) in enumerate(batches):
             with autocast():
-                out = self.engine(inputs, targets)
+                out = self.engine(inputs, targets, *segment_ids)
             loss = out.loss * float("nan") if inject else out.loss
             self.engine.backward(loss)  # scaled by 1 / grad_accum inside
             if i < len(batches) - 1:
@@ -224,9 +225,9 @@ class DeepSpeedLayout(Layout):
         pass  # the engine zeroes the gradients in its boundary step
 
     @torch.no_grad()
-    def eval_loss(self, inputs, targets, autocast) -> torch.Tensor:
+    def eval_loss(self, inputs, targets, autocast, segment_ids=None) -> torch.Tensor:
         with autocast():  # ZeRO 1/2 keep whole parameters in the module
-            return self.model(inputs, targets).ce_loss.float()
+            return self.model(inputs, targets, segment_ids=segment_ids).ce_loss.float()
 
     def state_dicts(self) -> tuple[dict, dict]:
         from mhc_train.parallel.deepspeed_state import deepspeed_state_dicts, flatten_optimizer_state

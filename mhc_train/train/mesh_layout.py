@@ -173,11 +173,13 @@ class MeshLayout(Layout):
     # ------------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def eval_loss(self, inputs, targets, autocast) -> torch.Tensor:
+    def eval_loss(self, inputs, targets, autocast, segment_ids=None) -> torch.Tensor:
         with autocast():
             if self.pipe is not None:
+                if segment_ids is not None:
+                    raise ValueError("data.document_mask: not supported with pipeline parallelism (pp > 1)")
                 return self.pipe.evaluate(inputs, targets)
-            return self.model(inputs, targets).ce_loss.float()
+            return self.model(inputs, targets, segment_ids=segment_ids).ce_loss.float()
 
     @torch.no_grad()
     def residual_gains(self, batch, sequences: int):
