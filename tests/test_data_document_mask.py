@@ -78,3 +78,38 @@ def test_mask_off_is_todays_path(prepared, monkeypatch):  # noqa: F811
     assert calls and all(kw == {"is_causal": True, "scale": model.blocks[0].attn.scale} for kw in calls)
     with pytest.raises(ValueError, match="segment_ids"):
         model(a[0], segment_ids=b[2][:, :-1])
+
+
+def test_training_passes_segment_ids_to_every_forward(subprocess_env, tmp_path, monkeypatch):
+    """mhc-train data.document_mask=true: train and validation batches reach the model with the
+    segment ids of their windows (the loader's, for the same data order as without the mask)."""
+    from test_train import run, run_dir, train_records
+
+    from mhc_train.model import transformer
+
+    monkeypatch.setenv("MHC_TRAIN_CACHE", subprocess_env["MHC_TRAIN_CACHE"])
+    seen = []
+    forward = transformer.MHCTransformer.forward
+
+    def spy(self, tokens, targets=None, segment_ids=None, **kw):
+        if targets is not None:  # training and validation (the gain report runs on tokens alone)
+            seen.append((torch.is_grad_enabled(), segment_ids))
+        return forward(self, tokens, targets, segment_ids=segment_ids, **kw)
+
+    monkeypatch.setattr(transformer.MHCTransformer, "forward", spy)
+    out = tmp_path / "runs"
+    assert run(out, "train.steps=2", "train.eval_every=2", "data.document_mask=true") == 0
+    assert len(train_records(run_dir(out))) == 2
+    assert {grad for grad, _ in seen} == {True, False}  # both training and validation forwards
+    assert all(seg is not None and seg.shape == (4, 32) and seg.dtype == torch.int64 for _, seg in seen)
+    # segment ids as the loader numbers them: from 0 at each window's start, never decreasing
+    assert all(bool((seg[:, 0] == 0).all()) and bool((seg.diff(dim=1) >= 0).all()) for _, seg in seen)
+
+
+def test_document_mask_with_pipeline_stages_is_refused(tmp_path, capsys, monkeypatch):
+    from test_train import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; refused before any process group
+    assert run(tmp_path / "runs", "data.document_mask=true", "parallel=mesh", "parallel.pp=2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("config error: data.document_mask: not supported with pipeline"), err

@@ -165,3 +165,38 @@ def test_adamw_is_fused_on_cuda_and_foreach_elsewhere():
     model = MHCTransformer(load_model_config("tiny"), ResidualConfig(variant="mhc"))
     opt = build_optimizer(model, lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1)
     assert not opt.defaults["fused"]
+
+
+def test_deterministic_default_is_on_for_cpu_and_off_for_cuda():
+    from types import SimpleNamespace
+
+    from mhc_train.train.trainer import deterministic
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert deterministic(SimpleNamespace(deterministic=None), cpu)
+    assert not deterministic(SimpleNamespace(deterministic=None), cuda)
+    assert deterministic(SimpleNamespace(deterministic=True), cuda)  # the switch
+    assert not deterministic(SimpleNamespace(deterministic=False), cpu)
+
+
+def test_resume_uses_this_runs_adamw_implementation(subprocess_env, tmp_path, monkeypatch):
+    """The saved param_groups carry the saving run's fused / foreach flags (a CPU checkpoint says
+    foreach); the resumed optimizer takes this run's (here: stand-in flags, as no GPU is at hand)."""
+    from test_train import run
+
+    from mhc_train.train import trainer as trainer_mod
+
+    monkeypatch.setenv("MHC_TRAIN_CACHE", subprocess_env["MHC_TRAIN_CACHE"])
+    out = tmp_path / "runs"
+    assert run(out, "train.steps=4", "train.checkpoint_every=2", "train.stop_at=2") == 0
+    monkeypatch.setattr(trainer_mod, "implementation", lambda params: {"foreach": False})
+    groups = []
+    real_loop = trainer_mod.Trainer._loop
+
+    def loop(self, ckpts):
+        groups.extend(dict(g) for g in self.optimizer.param_groups)
+        return real_loop(self, ckpts)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_loop", loop)
+    assert run(out, "train.steps=4", "train.checkpoint_every=2") == 0
+    assert groups and all(g["foreach"] is False and not g["fused"] for g in groups)

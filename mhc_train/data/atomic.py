@@ -52,3 +52,18 @@ def write_text(final: str | os.PathLike, text: str) -> None:
 
 def write_json(final: str | os.PathLike, obj: Any) -> None:
     write_text(final, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of ``path`` (a rename into it, a new file) durable; best effort, as some
+    file systems refuse to fsync a directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

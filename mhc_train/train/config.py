@@ -35,6 +35,8 @@ SCHEMA_NAME = "mhc_train_schema"
 
 # Learning rates of the mHC paper's Table 5 for its sizes; the small sizes were tuned on CPU
 # runs of the bundled corpus (docs/training.md).
+DEFAULT_SEQ_LEN = 256  # train.seq_len (capped at model.max_seq_len)
+DEFAULT_WARMUP_STEPS = 30  # optim.warmup_steps (capped for short runs)
 DEFAULT_LR_BY_SIZE = {"tiny": 3.0e-3, "small": 3.0e-3, "3b": 8.6e-4, "9b": 5.9e-4, "27b": 4.0e-4}
 
 
@@ -50,6 +52,9 @@ class DataConfig:
     cache_dir: Optional[str] = None  # bundled only; null = $MHC_TRAIN_CACHE/shakespeare-v{vocab}
     train_split: str = "train"
     val_split: str = "validation"
+    # Packed sequences: attention stops at document boundaries and positions restart per document
+    # (mhc_train/data/loader.py delivers the segment ids; not with pipeline stages).
+    document_mask: bool = False
 
 
 @dataclass
@@ -61,7 +66,7 @@ class OptimConfig:
     eps: float = 1.0e-8  # Table 5 prints 1e-20; see docs/training.md
     weight_decay: float = 0.1
     decay_embeddings: bool = True
-    warmup_steps: int = 30
+    warmup_steps: int = "${mhc.default_warmup:${train.steps},${optim.schedule},${optim.decay_at}}"
     schedule: str = "step"  # step (Table 5) | constant
     decay_at: List[float] = field(default_factory=lambda: [0.8, 0.9])  # fractions of train.steps
     decay_factors: List[float] = field(default_factory=lambda: [0.316, 0.1])  # of the base lr
@@ -126,11 +131,12 @@ class LoopConfig:
     steps: int = 200  # optimizer steps
     batch_size: int = 8  # sequences per micro-batch (per rank)
     grad_accum: int = 1  # micro-batches per optimizer step
-    seq_len: int = 256
+    seq_len: int = "${mhc.default_seq_len:${model.max_seq_len}}"  # 256, or the model's context if shorter
     seed: int = 0
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16, else fp32) | fp32 | bf16
-    deterministic: bool = True  # torch.use_deterministic_algorithms (warn-only)
+    # torch.use_deterministic_algorithms (warn-only); null = on for CPU, off for CUDA (speed)
+    deterministic: Optional[bool] = None
     threads: Optional[int] = None  # torch.set_num_threads; null = torch's default
     grad_clip: Optional[float] = 1.0  # max global grad norm; null or 0 = no clipping
     eval_every: int = 50  # steps between validation losses (and at the end); 0 = never
@@ -177,13 +183,35 @@ def _join_run_name(name: str, overrides: str) -> str:
     return f"{name}+{overrides}"
 
 
+def default_seq_len(max_seq_len: int) -> int:
+    """train.seq_len's default: 256 tokens, or the model's whole context when that is shorter."""
+    return min(DEFAULT_SEQ_LEN, int(max_seq_len))
+
+
+def default_warmup(steps: int, schedule: str, decay_at) -> int:
+    """optim.warmup_steps' default: 30 steps, fewer when the run is too short for them (the warmup
+    ends by the first decay and by the last step), so every short run works unchanged."""
+    limit = int(steps)
+    if schedule == "step" and decay_at:
+        limit = min(limit, decay_step(float(decay_at[0]), int(steps)))
+    return max(0, min(DEFAULT_WARMUP_STEPS, limit))
+
+
+def register_resolvers() -> None:
+    """The ``${mhc.*:...}`` resolvers the YAML defaults use (idempotent; done on import, so a
+    config composed without the app resolves too)."""
+    for name, fn in (("mhc.run_leaf", _join_run_name), ("mhc.default_seq_len", default_seq_len),
+                     ("mhc.default_warmup", default_warmup)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
 def register_configs() -> None:
-    """Put the schema into Hydra's ConfigStore and the run-dir resolver into OmegaConf (idempotent)."""
+    """Put the schema into Hydra's ConfigStore and the resolvers into OmegaConf (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
-    if not OmegaConf.has_resolver("mhc.run_leaf"):
-        OmegaConf.register_new_resolver("mhc.run_leaf", _join_run_name)
+    register_resolvers()
 
 
 # --------------------------------------------------------------------------------- validation
@@ -396,8 +424,11 @@ def validate(cfg: DictConfig) -> RunConfig:
     if data.source == "prepared":
         _check(bool(data.path), "data.path", "data.source=prepared needs the prepared directory (data.path=DIR)")
     else:
-        _check(_int(data.vocab_size) and data.vocab_size >= 1, "data.vocab_size",
-               f"must be an integer >= 1, got {data.vocab_size!r}")
+        from mhc_train.data.tokenizer import MIN_VOCAB
+
+        _check(_int(data.vocab_size) and data.vocab_size >= MIN_VOCAB, "data.vocab_size",
+               f"the bundled tokenizer needs an integer >= {MIN_VOCAB} (256 byte pieces, unk/bos/eos and "
+               f"one learned piece), got {data.vocab_size!r}")
 
     _check(parallel.mode in PARALLEL_MODES, "parallel.mode",
            f"must be one of {', '.join(PARALLEL_MODES)}, got {parallel.mode!r}")
@@ -414,6 +445,8 @@ def validate(cfg: DictConfig) -> RunConfig:
            f"{parallel.mode} runs under torchrun (e.g. torchrun --standalone --nproc_per_node=2 -m mhc_train.train "
            f"parallel={parallel.mode})")
     degrees = mesh_degrees(parallel, world, model)
+    _check(not (data.document_mask and degrees.pp > 1), "data.document_mask",
+           "not supported with pipeline stages (pp > 1): the stage boundaries carry streams only")
     if degrees.pp > 1:
         _check_pipeline(parallel.pipeline, degrees.pp, model, t)
         from mhc_train.parallel.pipeline import V_SCHEDULES, normalize_schedule_name
@@ -479,3 +512,6 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: d}
+
+
+register_resolvers()

@@ -17,6 +17,25 @@ class CheckpointError(RuntimeError):
     prefix = "checkpoint error"
 
 
+class CheckpointUnusable(CheckpointError):
+    """A checkpoint that fails verification or loading (damaged files, non-finite tensors): resume
+    skips it for the next older one."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); the partial one is removed."""
+
+    exit_code = 4
+    prefix = "write error"
+
+
+class RunDirInUse(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+    exit_code = 2
+    prefix = "run directory in use"
+
+
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite updates)."""
 

@@ -12,7 +12,9 @@
 What differs between parallel layouts lives in ``mhc_train.train.layouts``.
 
 Resuming (``resume=auto``) restores model, optimizer, scheduler, data position and RNG, so the
-losses after a resume equal those of an uninterrupted run bit for bit on CPU.
+losses after a resume equal those of an uninterrupted run bit for bit on CPU. It takes the newest
+checkpoint that verifies (checksums) and loads (finite tensors); each one skipped is named in the
+log, and when none is usable the run stops (exit 2) rather than start again from step 0.
 """
 
 from __future__ import annotations
@@ -34,24 +36,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mhc_train.data import DataError, PackedLoader, ValidationLoader, check_vocab, ensure_bundled_dataset, read_meta
+from mhc_train.data import DataError, PackedLoader, PackedTokens, ValidationLoader, check_vocab, ensure_bundled_dataset, read_meta
 from mhc_train.data.bundled import default_cache_dir
 from mhc_train.model import MHCTransformer
 from mhc_train.train import plot
 from mhc_train.train.checkpoint import (
+    STATE,
     CheckpointManager,
     check_compatible,
-    find_checkpoint,
     load_checkpoint,
     read_checkpoint_meta,
+    resume_candidates,
     rng_state,
     set_rng_state,
+    verify,
 )
 from mhc_train.train.config import RunConfig, fingerprint, shape_signature
-from mhc_train.train.errors import CheckpointError, ConfigError, Interrupted, TrainingStopped
+from mhc_train.train.errors import CheckpointError, CheckpointUnusable, ConfigError, Interrupted, TrainingStopped
 from mhc_train.train.layouts import make_layout
 from mhc_train.train.metrics import JsonlSink, Metrics, ProgressBar, WandbSink
-from mhc_train.train.optim import build_optimizer
+from mhc_train.train.optim import build_optimizer, implementation
 from mhc_train.train.schedule import build_scheduler
 
 log = logging.getLogger("mhc_train.train")
@@ -85,7 +89,18 @@ def check_data(cfg: RunConfig, path: Path) -> dict:
     for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
         if split not in meta["splits"]:
             raise ConfigError(f"{key}: {path} has no {split!r} split (has {sorted(meta['splits'])})")
+        # The shards themselves: sizes against meta.json, a scan for ids beyond the vocabulary, and
+        # enough tokens for one batch (DataError, named by file; the world's batch is checked later).
+        tokens = PackedTokens(path, split, cfg.train.seq_len)
+        if tokens.num_sequences < cfg.train.batch_size:
+            raise tokens.too_small(cfg.train.batch_size, f"train.batch_size {cfg.train.batch_size}")
     return meta
+
+
+def deterministic(t, device: torch.device) -> bool:
+    """train.deterministic, or by default: on for CPU (runs bitwise reproducible, nothing lost),
+    off for CUDA (deterministic kernels and cuBLAS workspaces cost speed on a GPU)."""
+    return t.deterministic if t.deterministic is not None else device.type != "cuda"
 
 
 def flops_per_token(cfg: RunConfig, model: torch.nn.Module) -> float:
@@ -132,7 +147,10 @@ class Trainer:
         self.elapsed_s = 0.0  # training wall time over all resumed segments
         self.wandb_id: str | None = None
         self._stop_signal: int | None = None
+        self.handling_signals = False
         self.metrics = Metrics([])
+        self.ckpts: CheckpointManager | None = None
+        self._skipped: list[str] = []  # checkpoints resume could not use: "step_0000004: reason"
         self._ema_loss: float | None = None
         self.last_val: float | None = None
 
@@ -159,14 +177,47 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _resume_source(self, ckpts: CheckpointManager) -> Path | None:
+    def _resume_candidates(self, ckpts: CheckpointManager) -> list[Path]:
         resume = self.cfg.resume
         if resume == "none":
             self._move_aside_previous()
-            return None
+            return []
         if resume == "auto":
-            return ckpts.latest()
-        return find_checkpoint(Path(resume))
+            return ckpts.candidates()
+        return resume_candidates(Path(resume))
+
+    def _verified(self, candidates: list[Path]):
+        """The candidates whose files match their checksums, newest first (collective)."""
+        for path in candidates:
+            problem = verify(path)
+            if problem is None:
+                yield path
+            else:
+                self._skip(path, problem)
+
+    def _next_source(self, verified) -> Path | None:
+        """The next verified checkpoint; one that does not fit this run stops it (CheckpointError)."""
+        source = next(verified, None)
+        if source is not None:
+            cfg = self.cfg
+            changed = check_compatible(source, read_checkpoint_meta(source),
+                                       shape_signature(cfg.model, cfg.residual), self.config_dict)
+            if changed:
+                shown = "; ".join(changed[:6]) + (f"; ... ({len(changed) - 6} more)" if len(changed) > 6 else "")
+                log.warning("resuming %s with changed settings: %s", source, shown)
+        return source
+
+    def _skip(self, path: Path, problem: str) -> None:
+        self._skipped.append(f"{path.name}: {problem}")
+        if self.is_main:
+            log.warning("skipping checkpoint %s: %s", path, problem)
+
+    def _none_usable(self, candidates: list[Path]) -> CheckpointError:
+        more = len(self._skipped) - 3
+        shown = "; ".join(self._skipped[:3]) + (f"; ... ({more} more)" if more > 0 else "")
+        return CheckpointError(
+            f"no usable checkpoint in {candidates[0].parent} ({shown}); nothing was changed. Start fresh "
+            f"with resume=none (earlier outputs are moved aside), or resume=PATH from another checkpoint")
 
     def _move_aside_previous(self) -> None:
         """resume=none in a used run directory: keep the old outputs, out of the way."""
@@ -192,8 +243,32 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "data": self.train_loader.state_dict(),
                 "rng": rng_state(), "wandb_id": self.wandb_id, "ema_loss": self._ema_loss}
 
+    def _restore_first_loadable(self, source: Path | None, verified, candidates: list[Path]) -> Path | None:
+        """Load ``source``, or when that fails the next verified checkpoint (which overwrites
+        whatever the failed load wrote); None: a fresh start."""
+        while source is not None:
+            try:
+                self._restore(source)
+            except CheckpointUnusable as e:
+                self._skip(source, str(e).removeprefix(f"{source}: "))
+                source = self._next_source(verified)
+                continue
+            self.ckpts.last_good = source
+            log.info("resumed from %s at step %d", source, self.step)
+            return source
+        if candidates:
+            raise self._none_usable(candidates)
+        return None
+
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, self.layout)
+        try:
+            self._restore_trainer_state(path, state)
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # a trainer_state.json of the wrong shape
+            raise CheckpointUnusable(f"{path}: {STATE} has a missing or bad entry "
+                                     f"({type(e).__name__}: {e})") from None
+
+    def _restore_trainer_state(self, path: Path, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         # The loaded optimizer and scheduler carry the hyper-parameters of the run that saved them;
         # this run's config wins (a changed lr, eps or weight decay is warned about, not ignored).
@@ -201,6 +276,11 @@ class Trainer:
         for i, group in enumerate(groups):
             group.update(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay if i == 0 else 0.0,
                          initial_lr=self.cfg.lr)
+        # The implementation is this run's too: a CPU checkpoint resumed on CUDA gets fused AdamW,
+        # a CUDA one resumed on CPU the bitwise-reproducible foreach path.
+        chosen = implementation(p for group in groups for p in group["params"])
+        for group in groups:
+            group.update(fused=chosen.get("fused"), foreach=chosen.get("foreach"))
         self.scheduler.base_lrs = [self.cfg.lr] * len(groups)
         lrs = [base * fn(self.scheduler.last_epoch) for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
         for group, lr in zip(groups, lrs):
@@ -276,11 +356,21 @@ class Trainer:
                 torch.set_num_threads(t.threads)
             self.device = self._device()
             self.bf16 = self._use_bf16(self.device)
-            if t.deterministic:
+            if deterministic(t, self.device):
                 if self.device.type == "cuda":
                     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
                     torch.backends.cudnn.benchmark = False
                 torch.use_deterministic_algorithms(True, warn_only=True)
+
+            # The checkpoint to resume from, verified and compatible, before anything is built
+            # (the bundled dataset included): a mismatched checkpoint is refused at once.
+            self.ckpts = ckpts = CheckpointManager(self.run_dir / "checkpoints", t.keep_checkpoints, self.rank)
+            candidates = self._resume_candidates(ckpts)
+            verified = self._verified(candidates)
+            source = self._next_source(verified)
+            if candidates and source is None:
+                raise self._none_usable(candidates)
+            ckpts.remove_partial()
 
             # Several ranks: rank 0 prepares the bundled dataset on first use, the others wait for it.
             first_use_guard = self.world_size > 1 and dist.is_initialized()
@@ -290,15 +380,6 @@ class Trainer:
             if first_use_guard and self.is_main:
                 dist.barrier()
             check_data(cfg, path)
-            ckpts = CheckpointManager(self.run_dir / "checkpoints", t.keep_checkpoints, self.rank)
-            source = self._resume_source(ckpts)
-            if source is not None:  # refuse an incompatible checkpoint before building anything
-                changed = check_compatible(source, read_checkpoint_meta(source),
-                                           shape_signature(cfg.model, cfg.residual), self.config_dict)
-                if changed:
-                    shown = "; ".join(changed[:6]) + (f"; ... ({len(changed) - 6} more)" if len(changed) > 6 else "")
-                    log.warning("resuming %s with changed settings: %s", source, shown)
-            ckpts.remove_partial()
 
             torch.manual_seed(t.seed)
             np.random.seed(t.seed % 2**32)
@@ -316,14 +397,14 @@ class Trainer:
                                              schedule=o.schedule, decay_at=o.decay_at, decay_factors=o.decay_factors)
             self.train_loader = PackedLoader(path, seq_len=t.seq_len, batch_size=t.batch_size,
                                              split=cfg.data.train_split, seed=t.seed, rank=self.layout.dp_rank,
-                                             world_size=self.layout.dp_world_size)
+                                             world_size=self.layout.dp_world_size,
+                                             document_mask=cfg.data.document_mask)
             self.val_loader = ValidationLoader(path, seq_len=t.seq_len, batch_size=t.batch_size,
                                                max_batches=t.eval_batches, split=cfg.data.val_split,
-                                               rank=self.layout.dp_rank, world_size=self.layout.dp_world_size)
+                                               rank=self.layout.dp_rank, world_size=self.layout.dp_world_size,
+                                               document_mask=cfg.data.document_mask)
             self.gain_batch = tuple(x.to(self.device) for x in next(iter(self.val_loader)))
-            if source is not None:
-                self._restore(source)
-                log.info("resumed from %s at step %d", source, self.step)
+            source = self._restore_first_loadable(source, verified, candidates)
             if self.step >= t.steps:
                 log.info("run %s is already complete (step %d of %d); nothing to do "
                          "(resume=none starts it again)", self.run_dir, self.step, t.steps)
@@ -345,6 +426,7 @@ class Trainer:
                      "bf16 autocast" if self.bf16 else "fp32", t.steps, self._tokens_per_step(), self.run_dir)
 
             previous_handlers = self._install_signal_handlers()
+            self.handling_signals = bool(previous_handlers)  # a first Ctrl-C now asks to stop after a step
             redirect = contextlib.nullcontext()
             if cfg.logging.progress and self.is_main:  # log lines above the progress bar, not through it
                 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -396,7 +478,7 @@ class Trainer:
             if s % self.cfg.logging.log_every == 0 or s == t.steps or record["skipped"]:
                 self.metrics.log(record)
             if self.consecutive_skips >= t.max_consecutive_skips:
-                last = ckpts.latest()
+                last = ckpts.last_good
                 raise TrainingStopped(
                     f"{self.consecutive_skips} consecutive non-finite updates (steps "
                     f"{s - self.consecutive_skips + 1}-{s}, last: {record['skip_reason']}); "
@@ -414,7 +496,7 @@ class Trainer:
                     plot.plot_run(self.run_dir)
             if self._stop_signal is not None:
                 name = signal.Signals(self._stop_signal).name
-                raise Interrupted(f"{name} at step {s}; checkpoint saved in {ckpts.latest()}; "
+                raise Interrupted(f"{name} at step {s}; checkpoint saved in {ckpts.last_good}; "
                                   f"run the same command again to continue", self._stop_signal)
             if stop_here and not final:
                 log.info("stopping at step %d (train.stop_at); the same command continues the run", s)
@@ -481,8 +563,9 @@ class Trainer:
         model.eval()
         total = torch.zeros((), device=self.device)
         count = 0
-        for inputs, targets in self.val_loader:
-            total += self.layout.eval_loss(inputs.to(self.device), targets.to(self.device), self.autocast)
+        for inputs, targets, *segment_ids in self.val_loader:  # segment ids with data.document_mask
+            inputs, targets, *segment_ids = (x.to(self.device) for x in (inputs, targets, *segment_ids))
+            total += self.layout.eval_loss(inputs, targets, self.autocast, *segment_ids)
             count += 1
         stats = self.layout.reduce_sum(torch.stack([total, torch.tensor(float(count), device=self.device)]))
         total, count = stats[0], int(stats[1])
