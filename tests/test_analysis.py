@@ -275,6 +275,18 @@ def test_sweep_configs_expand_to_the_right_runs(expanded):
     # without -m: the one run, where the sweeper's params do not apply (the sweep's baseline)
     (job,) = expand(["experiment=sweep_n", "residual=baseline"], multirun=False)
     assert job.run_dir == Path("runs/sweep_n/tiny-baseline-n1")
+    # an experiment without sweep params: the command line's sweep alone (this crashed before)
+    jobs = expand(["residual=mhc", "residual.n=1,2", "experiment=quickstart", "model=tiny"])
+    assert sorted(j.run_dir.name for j in jobs) == ["tiny-mhc-n1+residual.n:1",
+                                                    "tiny-mhc-n2+residual.n:2"]
+
+
+def test_sweep_plan_command_exits_0(capsys):
+    from mhc_train.analysis.sweeps import main
+
+    main(["-m", "residual=mhc", "residual.n=1,2", "experiment=quickstart", "model=tiny"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == "2 jobs, 0 complete (skipped when the sweep is launched again)", out
 
 
 def test_every_job_of_the_sweeps_is_a_valid_config(expanded):

@@ -76,7 +76,8 @@ def expand(overrides: Sequence[str], config_name: str = "config", multirun: bool
                     raise ValueError("a sweep (a=x,y) needs -m, as with mhc-train")
                 run_dir = Path(str(master.hydra.run.dir))
                 return [Job(list(overrides), run_dir, int(master.train.steps))]
-            params = OmegaConf.to_container(master.hydra.sweeper.get("params") or {}, resolve=False)
+            params = master.hydra.sweeper.get("params")  # None for an experiment without sweep params
+            params = OmegaConf.to_container(params, resolve=False) if params else {}
             lines = [f"{k}={v}" for k, v in params.items()] + list(overrides)
             batches = BasicSweeper.split_arguments(parser.parse_overrides(lines), None)
             jobs = []
