@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -284,6 +285,19 @@ def test_wandb_offline_run_directory(cache, tmp_path, monkeypatch):
     synced = offline[0] / "files" / "metrics.jsonl"
     local = next(out.rglob("metrics.jsonl"))
     assert synced.is_file() and synced.read_text() == local.read_text() and '"kind": "gains"' in local.read_text()
+    assert not synced.is_symlink()  # a real copy: the W&B run stands alone
+    # Per-layer gains and H_res maps are W&B data (tables), not only images.
+    tables = {p.name.split("_", 1)[0] for p in offline[0].rglob("*.table.json")}
+    assert any("per" in p.name for p in offline[0].rglob("*.table.json")) and any(
+        "h_res" in p.name for p in offline[0].rglob("*.table.json")), tables
+    # mhc-plot draws from the offline W&B directory after the run directory is gone.
+    shutil.rmtree(out)
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(offline[0]), moved)
+    from mhc_train.analysis.cli import run as plot
+
+    assert plot([str(moved / "files"), "--figures", "gains,h_res", "-o", str(tmp_path / "figs")]) == 0
+    assert {p.suffix for p in (tmp_path / "figs").iterdir()} == {".png"}
 
 
 # --------------------------------------------------------------------------------- signals

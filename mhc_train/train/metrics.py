@@ -136,6 +136,8 @@ class WandbSink:
             for key in ("composite_forward", "composite_backward", "single_forward", "single_backward"):
                 if record.get(key):
                     data[f"gains/max_{key}"] = max(abs(v) for v in record[key])
+        if kind == "gains":
+            data.update(self._gain_tables(record))
         for key, path in (record.get("figures") or {}).items():
             data[f"figures/{key}"] = self.wandb.Image(str(self.run_dir / path))
         try:
@@ -143,8 +145,40 @@ class WandbSink:
         except Exception as e:
             log.warning("W&B log failed at step %s: %s", record.get("step"), e)
 
+    def _gain_tables(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Per-layer gains and the H_res maps as W&B data (tables), not only as images: W&B
+        alone then holds what the gain figures are drawn from."""
+        tables = {}
+        keys = [k for k in ("composite_forward", "composite_backward", "single_forward", "single_backward")
+                if isinstance(record.get(k), list)]
+        if keys:
+            rows = [[layer, *(record[k][layer] for k in keys)] for layer in range(min(len(record[k]) for k in keys))]
+            tables["gains/per_layer"] = self.wandb.Table(columns=["sublayer", *keys], data=rows)
+        h_res = record.get("h_res")
+        if isinstance(h_res, list) and h_res:
+            rows = [[layer, i, j, float(value)] for layer, matrix in enumerate(h_res)
+                    for i, row in enumerate(matrix) for j, value in enumerate(row)]
+            tables["gains/h_res"] = self.wandb.Table(columns=["sublayer", "row", "col", "value"], data=rows)
+        return tables
+
+    def _copy_metrics(self) -> None:
+        """W&B keeps a live-saved file as a link back into the run directory; at the end it gets
+        a real copy, so the W&B run (offline directory or synced) holds metrics.jsonl itself and
+        ``mhc-plot`` draws from it after the run directory is gone."""
+        import shutil
+
+        source, target = self.run_dir / "metrics.jsonl", Path(self.run.dir) / "metrics.jsonl"
+        try:
+            if source.is_file():
+                tmp = target.with_name(".metrics.jsonl.copy")
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, target)  # replaces the link itself, not the file it points to
+        except OSError as e:
+            log.warning("W&B will hold a link to metrics.jsonl, not a copy: %s", e)
+
     def close(self, exit_code: int = 0) -> None:
         if self.run is not None:
+            self._copy_metrics()
             try:
                 self.run.finish(exit_code=exit_code)
             except Exception as e:
