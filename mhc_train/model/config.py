@@ -40,6 +40,10 @@ class ModelConfig:
     norm_eps: float = 1e-20  # Table 5
     init_std: float = 0.006  # DeepSeek-V3
     scale_out_init: bool = True  # output projections std / sqrt(2 * n_layers)
+    # Loss: > 0 computes the cross-entropy this many tokens at a time, never holding the whole
+    # batch's fp32 logits (mhc_train/model/chunked_loss.py; forward then returns no logits);
+    # 0 = the plain full-vocabulary loss.
+    loss_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,7 +69,8 @@ class ModelConfig:
             value = getattr(self, f)
             if not isinstance(value, int) or value < 1:
                 bad(f, f"must be an integer >= 1, got {value!r}")
-        for f in ("n_dense_layers", "n_shared_experts", "q_lora_rank", "dense_ffn_dim", "qk_rope_head_dim"):
+        for f in ("n_dense_layers", "n_shared_experts", "q_lora_rank", "dense_ffn_dim", "qk_rope_head_dim",
+                  "loss_chunk_tokens"):
             value = getattr(self, f)
             if not isinstance(value, int) or value < 0:
                 bad(f, f"must be an integer >= 0, got {value!r}")

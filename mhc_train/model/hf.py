@@ -46,7 +46,8 @@ from mhc_train.model.transformer import MHCTransformer
 from mhc_train.residual import ResidualConfig
 
 # ModelConfig fields the HF config does not describe (training-only); from_hf takes them as overrides.
-TRAINING_FIELDS = ("name", "bias_update_speed", "seq_aux_loss_coef", "init_std", "scale_out_init", "max_seq_len")
+TRAINING_FIELDS = ("name", "bias_update_speed", "seq_aux_loss_coef", "init_std", "scale_out_init", "max_seq_len",
+                   "loss_chunk_tokens")
 
 
 def _transformers():

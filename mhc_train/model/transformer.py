@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mhc_train.model.attention import MLA, document_mask
+from mhc_train.model.chunked_loss import chunked_cross_entropy
 from mhc_train.model.config import ModelConfig
 from mhc_train.model.ffn import SwiGLU
 from mhc_train.model.moe import MoE, RoutedExperts, Router
@@ -96,7 +97,7 @@ class Block(nn.Module):
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the loss was computed chunked (model.loss_chunk_tokens)
     loss: torch.Tensor | None = None  # cross-entropy + balance loss: what backward() takes
     ce_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -186,10 +187,19 @@ class MHCTransformer(nn.Module):
         """streams [B, S, n, C] -> logits [B, S, V] (the last pipeline stage's job)."""
         return self.head(self.norm(self.contract(streams)))
 
+    def chunked_loss(self, streams: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy of ``head_logits(streams)`` without making them: the head's weight
+        goes into the loss ``loss_chunk_tokens`` tokens at a time (mhc_train/model/chunked_loss.py)."""
+        hidden = self.norm(self.contract(streams))
+        return chunked_cross_entropy(hidden, self.head.weight, targets, self.cfg.loss_chunk_tokens)
+
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None) -> LMOutput:
         """``segment_ids [B, S]`` (packed documents, ``data.document_mask``): attention stays within
-        each document and RoPE positions restart at each, as if every document were fed alone."""
+        each document and RoPE positions restart at each, as if every document were fed alone.
+        With ``targets`` and ``model.loss_chunk_tokens`` > 0 the loss is computed in chunks and
+        ``logits`` is None (training and validation only need the loss); without targets the
+        logits are always returned."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor [B, S], got {tuple(tokens.shape)} {tokens.dtype}")
         rope = self.rope(tokens.shape[1], tokens.device)
@@ -204,10 +214,13 @@ class MHCTransformer(nn.Module):
         regions = self.recompute_plan()
         for block in self.blocks:
             streams = block(streams, rope, regions, mask)
-        logits = self.head_logits(streams)
-        if targets is None:
-            return LMOutput(logits)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if targets is not None and self.cfg.loss_chunk_tokens > 0:
+            logits, ce = None, self.chunked_loss(streams, targets)
+        else:
+            logits = self.head_logits(streams)
+            if targets is None:
+                return LMOutput(logits)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         aux = self.balance_loss()
         loss = ce if aux is None else ce + aux
         return LMOutput(logits, loss, ce, aux)
