@@ -99,6 +99,33 @@ def test_v_balance_is_the_exact_min_max_over_ranks_then_stages():
         assert score(counts) == pytest.approx(best)
 
 
+def _splits(n, stages):
+    """Every way to cut n blocks into `stages` contiguous non-empty runs, as blocks per stage."""
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        bounds = (0, *cuts, n)
+        yield [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def _loads(counts, costs, first, last):
+    """Cost of each stage: its blocks, plus the embedding on the first and the head on the last."""
+    assert len(counts) >= 1 and all(isinstance(c, int) and c >= 1 for c in counts), counts
+    assert sum(counts) == len(costs), counts  # contiguous runs covering every block once
+    bounds = list(itertools.accumulate(counts, initial=0))
+    loads = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+    loads[0] += first
+    loads[-1] += last
+    return loads
+
+
+def _v_score(counts, costs, first, last):
+    """(most expensive rank, most expensive stage) of a V placement: rank r holds stages r and
+    2P-1-r (docs/pipeline.md)."""
+    loads = _loads(counts, costs, first, last)
+    S = len(loads)
+    ranks = [loads[r] + loads[S - 1 - r] for r in range(S // 2)]
+    return max(ranks), max(loads)
+
+
 def test_v_schedules_can_balance_ranks_instead_of_stages():
     # The small model's profile (a cheaper dense first block, a head worth ~2 blocks), 2 ranks x 2
     # stages: per stage [2, 1, 2, 1] gives rank 0 (stages 0 and 3) 5.04 units against 3; per rank
@@ -106,10 +133,37 @@ def test_v_schedules_can_balance_ranks_instead_of_stages():
     costs, head = [0.98, 1, 1, 1, 1, 1], 2.06
     assert balance_stages(costs, 4, last_extra=head) == [2, 1, 2, 1]
     assert balance_v_ranks(costs, 2, last_extra=head) == [1, 2, 2, 1]
-    model = tiny(n_layers=8)
-    costs, first, last = model_costs(model)
-    assert plan_stage_blocks(model, 4, balance="rank") == balance_v_ranks(costs, 2, first, last)
-    assert plan_stage_blocks(model, 4) == balance_stages(costs, 4, first, last)
+    assert _v_score([2, 1, 2, 1], costs, 0, head) == (pytest.approx(5.04), pytest.approx(3.06))
+    assert _v_score([1, 2, 2, 1], costs, 0, head) == (pytest.approx(4.04), pytest.approx(3.06))
+
+
+@pytest.mark.parametrize("overrides,seq_len", [
+    ({"n_layers": 8}, None),
+    ({"n_layers": 8}, 64),  # attention against the context adds to every block
+    ({"n_layers": 7, "n_dense_layers": 3, "dense_ffn_dim": 512}, None),  # heavy dense blocks
+    ({"n_layers": 7, "n_dense_layers": 3, "dense_ffn_dim": 512}, 1024),  # ... and long context
+    ({"n_layers": 8, "vocab_size": 4096}, 512),  # a head worth 5 blocks' weights, 3 with context
+])
+def test_plan_stage_blocks_is_optimal_against_brute_force(overrides, seq_len):
+    """plan_stage_blocks against every contiguous split of the model's blocks: per stage it
+    minimises the most expensive stage; per rank (V placement) the most expensive rank, then the
+    most expensive stage. Costs from model_costs (test_costs_count_routed_experts_at_top_k)."""
+    model = tiny(**overrides)
+    n = len(model.blocks)
+    costs, first, last = model_costs(model, seq_len)
+    for stages in range(1, min(n, 6) + 1):
+        counts = plan_stage_blocks(model, stages, seq_len=seq_len)
+        assert len(counts) == stages
+        best = min(max(_loads(c, costs, first, last)) for c in _splits(n, stages))
+        assert max(_loads(counts, costs, first, last)) == pytest.approx(best, rel=1e-9), (stages, counts)
+    for ranks in range(1, n // 2 + 1):
+        counts = plan_stage_blocks(model, 2 * ranks, seq_len=seq_len, balance="rank")
+        assert len(counts) == 2 * ranks
+        scores = [_v_score(c, costs, first, last) for c in _splits(n, 2 * ranks)]
+        best_rank = min(r for r, _ in scores)
+        best_stage = min(s for r, s in scores if r <= best_rank * (1 + 1e-9))
+        assert _v_score(counts, costs, first, last) == (pytest.approx(best_rank, rel=1e-9),
+                                                        pytest.approx(best_stage, rel=1e-9)), (ranks, counts)
 
 
 def test_balance_examples():

@@ -105,7 +105,7 @@ def schedule_1f1b(ranks: int, microbatches: int) -> Schedule:
 
 def schedule_zb1p(ranks: int, microbatches: int) -> Schedule:
     """ZB-H1 (Qi et al., Zero Bubble PP): 1F1B with split backward; rank r keeps up to
-    ranks-1-r weight-gradient chunks deferred, which fills the cool-down bubble, and flushes them
+    r weight-gradient chunks deferred, which fills the cool-down bubble, and flushes them
     at the end. Activation memory stays at 1F1B's (PP on rank 0)."""
     rank_of = {(0, s): s for s in range(ranks)}
     actions = []
