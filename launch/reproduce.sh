@@ -87,7 +87,7 @@ summary() {  # summary NAME SOURCES... : summary.md / .json under $OUT/summary
 }
 n4=("$OUT"/sweep_n/tiny-baseline-n1* "$OUT"/sweep_n/tiny-hc-n4+* "$OUT"/sweep_n/tiny-mhc-n4+*)
 plot main "${n4[@]}" --figures loss_gap,grad_norm
-plot stability "$OUT/stability" --figures loss_gap,grad_norm,gains,h_res
+plot stability "$OUT/stability" --figures loss_gap,grad_norm,gains,gains_by_step,h_res
 plot sweep_n "$OUT/sweep_n" --figures sweep,gains
 plot sweep_tmax "$OUT/sweep_tmax" --figures sweep
 plot ablation "$OUT/ablation" --figures ablation

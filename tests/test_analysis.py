@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from pathlib import Path
 
@@ -31,12 +32,14 @@ def doubly_stochastic(layers: int, n: int) -> np.ndarray:
 
 def write_run(root: Path, name: str, *, variant: str, n: int = 4, t_max: int = 20, fix=(), dim: int = 64,
               seq_len: int = 128, steps: int = 60, offset: float = 0.0, experiment: str = "exp",
-              gains: bool = True, run_record: bool = True) -> Path:
-    """A fake run directory: run record, train / val / gains / end records."""
+              gains: bool = True, run_record: bool = True, model_name: str = "tiny", gain_steps=(),
+              spike: dict | None = None) -> Path:
+    """A fake run directory: run record, train / val / gains / end records. ``gain_steps``:
+    more steps with gains records (HC's growing with the step); ``spike``: {step: added loss}."""
     d = root / name
     d.mkdir(parents=True)
     rng = np.random.default_rng(zlib.crc32(name.encode()))
-    model = dict(MODEL, dim=dim)
+    model = dict(MODEL, dim=dim, name=model_name)
     config = {
         "model": model,
         "residual": {"variant": variant, "n": n, "t_max": t_max, "fix_res": "res" in fix, "fix_pre": "pre" in fix,
@@ -54,14 +57,15 @@ def write_run(root: Path, name: str, *, variant: str, n: int = 4, t_max: int = 2
     tokens_per_step = 8 * seq_len
     for s in range(1, steps + 1):
         loss = 6.0 * math.exp(-s / 30) + 3.0 + offset - 0.002 * (dim / 32) + 0.003 * rng.standard_normal()
+        loss += (spike or {}).get(s, 0.0)
         recs.append({"kind": "train", "step": s, "loss": loss, "grad_norm": 1.0 + 0.1 * rng.random(),
                      "lr": 1e-3, "tokens": s * tokens_per_step, "step_time_s": 0.01 * (1.5 if streams > 1 else 1.0),
                      "skipped": False})
         if s % 20 == 0:
             recs.append({"kind": "val", "step": s, "val_loss": loss + 0.05})
-    if gains and streams > 1:
-        h = hc_like(4, n, rng) if variant == "hc" else doubly_stochastic(4, n)
-        recs.append({"kind": "gains", "step": steps, **R.gains_from_h_res(h.tolist()), "h_res": h.tolist()})
+    for s in sorted({*gain_steps, steps}) if gains and streams > 1 else ():
+        h = hc_like(4, n, rng) * (s / steps) ** 0.5 if variant == "hc" else doubly_stochastic(4, n)
+        recs.append({"kind": "gains", "step": s, **R.gains_from_h_res(h.tolist()), "h_res": h.tolist()})
     recs.append({"kind": "end", "step": steps, "status": "complete"})
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return d
@@ -72,8 +76,8 @@ def runs_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     main = root / "main"
     write_run(main, "tiny-baseline-n1", variant="baseline")
-    write_run(main, "tiny-hc-n4", variant="hc", offset=-0.03)
-    write_run(main, "tiny-mhc-n4", variant="mhc", offset=-0.02)
+    write_run(main, "tiny-hc-n4", variant="hc", offset=-0.03, gain_steps=(20, 40))
+    write_run(main, "tiny-mhc-n4", variant="mhc", offset=-0.02, gain_steps=(20, 40))
     write_run(main, "tiny-mhc-n2", variant="mhc", n=2, offset=-0.01)
     write_run(main, "tiny-mhc-n4-t1", variant="mhc", t_max=1, offset=-0.015)
     write_run(main, "tiny-hc-fixpost", variant="hc", fix=("post",), offset=-0.025)
@@ -95,7 +99,8 @@ def test_every_figure_from_synthetic_runs(runs_root, tmp_path, capsys):
     out = tmp_path / "figs"
     code, stdout, err = _run_cli([runs_root / "main", "-o", out, "--figures", "all", "--prefix", "t_"], capsys)
     assert code == 0, err
-    for name in ("loss_gap", "grad_norm", "gains", "h_res", "scaling", "sweep_n", "sweep_t_max", "ablation"):
+    for name in ("loss_gap", "grad_norm", "gains", "gains_by_step", "h_res", "scaling", "sweep_n", "sweep_t_max",
+                 "ablation"):
         png = out / f"t_{name}.png"
         assert png.is_file() and png.stat().st_size > 5000, name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -123,6 +128,179 @@ def test_auto_mode_skips_what_the_runs_cannot_show(runs_root, tmp_path, capsys):
 def test_list(runs_root, capsys):
     code, stdout, _ = _run_cli([runs_root / "main", "--list"], capsys)
     assert code == 0 and len(stdout.strip().splitlines()) == 8 and "complete" in stdout
+
+
+# ----------------------------------------------------------------------------- honest figures
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The matplotlib figures the analysis saves, by file stem, to look at their artists."""
+    from mhc_train.analysis import draw
+
+    figures, save = {}, draw.save
+
+    def keep(fig, out, pdf):
+        figures[Path(out).stem] = fig
+        return save(fig, out, pdf)
+
+    monkeypatch.setattr(draw, "save", keep)
+    return figures
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("mhc-plot: warning:")]
+
+
+def _points(ax, label_start: str) -> list[float]:
+    """The y values of the errorbar series whose label starts with ``label_start``."""
+    (container,) = [c for c in ax.containers if c.get_label().startswith(label_start)]
+    return list(container.lines[0].get_ydata())
+
+
+def test_runs_of_other_settings_are_set_aside_not_averaged(tmp_path, capsys, drawn, monkeypatch):
+    """A tiny run and a 30-step run among small 60-step runs (a sweep over n with its baseline):
+    one warning line each, naming it and the setting that differs; neither is averaged into the
+    sweep nor measured against the small baseline. --allow-mixed averages them, with a warning."""
+    mixed = tmp_path / "quickstart"
+    for name, n in (("small-baseline", 1), ("small-mhc-n2", 2), ("small-mhc-n4", 4)):
+        write_run(mixed, name, variant="baseline" if n == 1 else "mhc", n=n, model_name="small", dim=128,
+                  offset=-0.01 * n)
+    tiny = write_run(mixed, "tiny-mhc-n4", variant="mhc", offset=0.5)
+    short = write_run(mixed, "small-mhc-n4-30steps", variant="mhc", model_name="small", dim=128, steps=30)
+    out = tmp_path / "figs"
+    code, _, err = _run_cli([mixed, "-o", out, "--figures", "loss_gap,sweep,summary"], capsys)
+    assert code == 0, err
+    warnings = _warnings(err)
+    assert len(warnings) == 2, err
+    (w_tiny,) = [w for w in warnings if str(tiny) in w]
+    (w_short,) = [w for w in warnings if str(short) in w]
+    assert "set aside" in w_tiny and "loss_gap" in w_tiny and "sweep_n" in w_tiny
+    assert "model.name: tiny vs small" in w_tiny
+    assert "train.steps: 30 vs 60" in w_short
+    # the n = 4 point of the sweep is the small 60-step run alone, the baseline line the small baseline
+    small = {p.name: R.load_run_dir(p) for p in mixed.iterdir() if p.name.startswith("small-")}
+    ax = drawn["sweep_n"].axes[0]
+    assert _points(ax, "mHC: training loss") == pytest.approx([small["small-mhc-n2"].final_loss(0.1),
+                                                               small["small-mhc-n4"].final_loss(0.1)])
+    assert [ln.get_ydata()[0] for ln in ax.lines if ln.get_label() == "baseline: training loss"] == \
+        pytest.approx([small["small-baseline"].final_loss(0.1)])
+    assert len(drawn["loss_gap"].axes[0].get_lines()) == 1 + 2 + 2  # 2 gaps, their val dots, the zero line
+    rows = {r["run"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert rows["tiny-mhc-n4"].get("gap") is None and rows["small-mhc-n4"]["baseline"] == "small-baseline"
+
+    # mhc-plot-losses measures each run against the baseline of its own settings only
+    from mhc_train.train import plot
+
+    kept = {}
+    monkeypatch.setattr(plot, "_save", lambda fig, path: kept.setdefault("fig", fig))
+    plot.main([str(mixed), "-o", str(tmp_path / "cmp.png")])
+    err = capsys.readouterr().err
+    assert len(_warnings(err.replace("mhc-plot-losses:", "mhc-plot:"))) == 2 and str(tiny) in err, err
+    gaps = [ln.get_label() for ln in kept["fig"].axes[1].get_lines() if not ln.get_label().startswith("_")]
+    assert sorted(gaps) == ["baseline (reference)", "mHC (n=2, t_max=20) - baseline",
+                            "mHC (n=4, t_max=20) [model=small, steps=60] - baseline"], gaps
+
+    code, _, err = _run_cli([mixed, "-o", out, "--figures", "sweep", "--allow-mixed"], capsys)
+    assert code == 0 and all("mixed across settings" in w for w in _warnings(err)), err
+    n4 = _points(drawn["sweep_n"].axes[0], "mHC: training loss")[1]
+    assert n4 == pytest.approx(np.mean([R.load_run_dir(p).final_loss(0.1)
+                                        for p in (mixed / "small-mhc-n4", tiny, short)]))
+
+
+def test_loss_gap_marks_points_beyond_its_axis(tmp_path, capsys, drawn):
+    write_run(tmp_path, "base", variant="baseline")
+    write_run(tmp_path, "mhc", variant="mhc", spike={4: 3.0, 40: 0.6})  # in the first 20% of steps, and later
+    code, _, err = _run_cli([tmp_path, "--figures", "loss_gap", "-o", tmp_path / "f", "--ema", "0"], capsys)
+    assert code == 0, err
+    ax = drawn["loss_gap"].axes[0]
+    lo, hi = ax.get_ylim()
+    marks = [ln for ln in ax.get_lines() if ln.get_gid() == "clipped"]
+    marked = {x for ln in marks for x in ln.get_xdata()}
+    assert 4 in marked and all(y in (lo, hi) for ln in marks for y in ln.get_ydata())
+    for ln in ax.get_lines():  # every point of a curve is inside the axis or marked on its edge
+        if ln not in marks:
+            xs, ys = ln.get_xdata(), ln.get_ydata()
+            assert {x for x, y in zip(xs, ys) if not lo <= y <= hi} <= marked
+    assert hi >= 0.6  # the later spike is inside the range, not clipped
+    assert re.search(r"1 point beyond the axis, farthest \+3\.0\d* at step 4", ax.get_title()), ax.get_title()
+
+
+def test_h_res_maps_use_a_diverging_colormap_centred_at_0(tmp_path, capsys, drawn, monkeypatch):
+    h = np.stack([np.eye(3) + np.array([[0.0, -0.3, 0.2], [0.1, 0.0, -0.05], [0.4, 0.1, 0.0]])] * 4) * 20
+    d = write_run(tmp_path, "hc", variant="hc", n=3, gains=False)
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "gains", "step": 60, "h_res": h.tolist()}) + "\n")
+    code, _, err = _run_cli([d, "--figures", "h_res", "-o", tmp_path / "f"], capsys)
+    assert code == 0, err
+    from mhc_train.train import plot
+
+    kept = {}
+
+    def keep(fig, out):
+        kept["fig"] = fig
+        return Path(out)
+
+    monkeypatch.setattr(plot, "_save", keep)
+    plot.plot_h_res(h / 20, tmp_path / "per_layer.png", step=60)  # the trainer's per-layer figure
+    for fig in (drawn["h_res"], kept["fig"]):
+        images = [im for ax in fig.axes for im in ax.get_images()]
+        assert images
+        for im in images:
+            m = im.get_array()
+            assert im.get_cmap().name == "RdBu_r" and im.norm(0.0) == pytest.approx(0.5)
+            assert im.colorbar is not None or fig is kept["fig"]
+            if m.min() < 0:  # the most negative entry is clearly blue, not white
+                r, _, b, _ = im.get_cmap()(im.norm(m.min()))
+                assert b - r > 0.3
+        assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
+
+
+def test_a_figure_that_cannot_be_drawn_removes_its_stale_file(runs_root, tmp_path, capsys):
+    out = tmp_path / "figs"
+    out.mkdir()
+    stale = ["scaling.png", "scaling.pdf", "sweep_n.png", "sweep_t_max.png", "ablation.png", "loss_gap.png"]
+    for name in stale:
+        (out / name).write_bytes(b"from an earlier call")
+    main = runs_root / "main"
+    code, _, err = _run_cli([main / "tiny-baseline-n1", main / "tiny-hc-n4", "-o", out, "--figures",
+                             "loss_gap,scaling"], capsys)
+    assert code == 2  # asked by name: the first that fails is an error, and its file is gone
+    assert "scaling (removed the stale scaling.png, scaling.pdf)" in err and not (out / "scaling.png").exists()
+    code, _, err = _run_cli([main / "tiny-baseline-n1", main / "tiny-hc-n4", "-o", out], capsys)
+    assert code == 0, err
+    skipped = [line for line in err.splitlines() if line.startswith("mhc-plot: skipped")]
+    assert any(line.startswith("mhc-plot: skipped sweep (removed the stale sweep_n.png, sweep_t_max.png): ")
+               for line in skipped), err
+    assert any(line.startswith("mhc-plot: skipped ablation (removed the stale ablation.png): ") for line in skipped)
+    assert {p.name for p in out.iterdir()} >= {"loss_gap.png", "gains.png"}
+    assert not any((out / name).exists() for name in stale if not name.startswith("loss_gap"))
+    assert (out / "loss_gap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gains_against_the_step_and_each_variant_on_its_own_scale(runs_root, tmp_path, capsys, drawn):
+    main = runs_root / "main"
+    code, _, err = _run_cli([main / "tiny-hc-n4", main / "tiny-mhc-n4", "-o", tmp_path,
+                             "--figures", "gains,gains_by_step"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "gains_by_step.png").stat().st_size > 5000
+    hc, mhc = (R.load_run_dir(main / name) for name in ("tiny-hc-n4", "tiny-mhc-n4"))
+    by_step = {ax.get_title(): ax for ax in drawn["gains_by_step"].axes}
+    assert set(by_step) == {"HC", "mHC"}
+    (forward,) = [ln for ln in by_step["HC"].get_lines() if ln.get_label().startswith("HC")]
+    assert list(forward.get_xdata()) == [20, 40, 60]
+    assert list(forward.get_ydata()) == pytest.approx([max(hc.gains(s)["composite_forward"]) for s in (20, 40, 60)])
+    assert forward.get_ydata()[-1] > forward.get_ydata()[0]  # HC's gain grows with training
+    # mHC's gains (1.0 here) get a linear axis of their own, not HC's log axis
+    gains_axes = drawn["gains"].axes
+    hc_axes = [ax for ax in gains_axes if ax.get_title().startswith(("(a) HC", "(b) HC"))]
+    mhc_axes = [ax for ax in gains_axes if "mHC" in ax.get_title()]
+    assert len(hc_axes) == len(mhc_axes) == 2
+    assert hc_axes[1].get_yscale() == "log"  # composite gains of 20-40
+    for ax in mhc_axes + [by_step["mHC"]]:
+        lo, hi = ax.get_ylim()
+        assert ax.get_yscale() == "linear" and hi - lo < 0.5 and lo <= 1.0 <= hi
+    assert max(mhc.gains()["composite_backward"]) == pytest.approx(1.0)
 
 
 # -------------------------------------------------------------------------------------- gains
@@ -189,12 +367,12 @@ def test_no_baseline(tmp_path, capsys):
 
 def test_incompatible_runs(tmp_path, capsys):
     write_run(tmp_path, "base", variant="baseline", seq_len=128)
-    write_run(tmp_path, "hc", variant="hc", seq_len=64)
-    code, _, err = _run_cli([tmp_path, "--figures", "loss_gap", "-o", tmp_path / "f"], capsys)
-    assert code == 2 and "train.seq_len: 64 vs 128" in err and len(err.strip().splitlines()) == 1
-    code, _, err = _run_cli([tmp_path, "--figures", "loss_gap", "--baseline", tmp_path / "base",
-                             "-o", tmp_path / "f"], capsys)
-    assert code == 2 and "not comparable" in err
+    hc = write_run(tmp_path, "hc", variant="hc", seq_len=64)
+    for extra in ([], ["--baseline", tmp_path / "base"]):
+        code, _, err = _run_cli([tmp_path, "--figures", "loss_gap", "-o", tmp_path / "f", *extra], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"mhc-plot: error: loss_gap: none of the 1 runs has a baseline with its settings ({hc}:")
+        assert "train.seq_len: 64 vs 128" in err
 
 
 def test_other_bad_input(runs_root, tmp_path, capsys, monkeypatch):

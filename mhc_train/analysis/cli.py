@@ -9,12 +9,18 @@
 
 Figures (``--figures``, comma-separated; default ``auto`` = every one the runs support, the
 others skipped with a note): loss_gap (Fig 2a/5a), grad_norm (Fig 2b/5b), gains (Figs 3/7),
-h_res (Fig 8), scaling (Fig 6), sweep (final loss and composite gain against n and against
-t_max), ablation (Table 1). ``summary`` writes summary.json and summary.md (one row per run:
-final losses, gap to its baseline, composite gain maxima, time per step).
+gains_by_step (the largest composite gain against the training step), h_res (Fig 8), scaling
+(Fig 6), sweep (final loss and composite gain against n and against t_max), ablation (Table 1).
+``summary`` writes summary.json and summary.md (one row per run: final losses, gap to its
+baseline, composite gain maxima, time per step).
 
-Exit codes: 0 figures written; 2 bad input (no runs, no baseline, incompatible runs, a figure
-that was asked for by name and cannot be made), with one line on stderr.
+Runs are averaged or differenced only within a group of comparable runs (same settings but the
+residual connection and the seed, ``groups.py``); groups are drawn side by side, and each run a
+figure sets aside gets one warning line on stderr (``--allow-mixed``: one group of all runs).
+A figure that cannot be drawn is reported in one line, and its file from an earlier call removed.
+
+Exit codes: 0 figures written; 2 bad input (no runs, no baseline, a figure that was asked for
+by name and cannot be made), with one line on stderr.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from mhc_train.analysis import figures as F
-from mhc_train.analysis.runs import AnalysisError, Run, find_baseline, load_runs, match_baselines
+from mhc_train.analysis import draw, figures as F, gain_figures as G
+from mhc_train.analysis.groups import Grouping, find_baseline
+from mhc_train.analysis.runs import AnalysisError, Run, get, load_runs
 
-FIGURES = ("loss_gap", "grad_norm", "gains", "h_res", "scaling", "sweep", "ablation", "summary")
+FIGURES = ("loss_gap", "grad_norm", "gains", "gains_by_step", "h_res", "scaling", "sweep", "ablation", "summary")
 PROG = "mhc-plot"
 
 
@@ -42,27 +49,25 @@ def _parse_layers(text: str | None) -> list[int] | None:
         raise AnalysisError(f"--layers: expected comma-separated layer numbers, got {text!r}") from None
 
 
-def summarize(runs: Sequence[Run], baseline: Run | None, window: float) -> list[dict[str, Any]]:
-    """One row per run: final losses, gap and time ratio to its baseline, composite gain maxima."""
+def summarize(runs: Sequence[Run], baseline: Run | None, window: float,
+              grouping: Grouping | None = None) -> list[dict[str, Any]]:
+    """One row per run: final losses, gap and time ratio to the baseline of its group (none
+    when its group has no baseline), composite gain maxima."""
+    grouping = grouping or Grouping()
     try:
-        base_of = {id(r): b for r, b in match_baselines(runs, baseline)}
+        base_of = {id(r): b for r, b in grouping.baselines(runs, baseline, figure="summary")}
     except AnalysisError:
         base_of = {}
-        for r in runs:  # runs that have a baseline get their gap; the rest none
-            try:
-                base_of.update({id(a): b for a, b in match_baselines([r] + [x for x in runs if x.is_baseline],
-                                                                     baseline)})
-            except AnalysisError:
-                pass
+    group_of = {id(r): grouping.describe(g, runs) for g in grouping.groups(runs) for r in g}
     rows = []
-    for r in F._sort(runs):
+    for r in draw.sort_runs(runs):
         g = r.gains() if r.n > 1 else None
         b = base_of.get(id(r))
         row: dict[str, Any] = {
             "experiment": r.experiment, "run": r.name, "dir": Path(r.source).name, "label": r.label(),
             "variant": r.variant, "n": r.n,
-            "t_max": r.t_max, "fixed": list(r.fixed), "model_dim": F.get(r.config, "model.dim"),
-            "params": r.params, "steps": r.steps_done, "complete": r.complete,
+            "t_max": r.t_max, "fixed": list(r.fixed), "model_dim": get(r.config, "model.dim"),
+            "params": r.params, "group": group_of[id(r)], "steps": r.steps_done, "complete": r.complete,
             "final_loss": r.final_loss(window), "final_val_loss": r.final_val_loss(),
             "step_time_s": r.mean_step_time(),
             "composite_forward_max": max(map(abs, g["composite_forward"])) if g else (1.0 if r.n == 1 else None),
@@ -115,10 +120,64 @@ def summary_markdown(rows: Sequence[dict[str, Any]], window: float) -> str:
 
 
 def _list(runs: Sequence[Run], window: float) -> None:
-    for r in sorted(F._sort(runs), key=lambda r: r.experiment):
+    grouping = Grouping()
+    group_of = {id(r): grouping.describe(g, runs) for g in grouping.groups(runs) for r in g}
+    for r in sorted(draw.sort_runs(runs), key=lambda r: r.experiment):
         done = "complete" if r.complete else f"partial ({r.steps_done} steps)"
+        group = f"  [{group_of[id(r)]}]" if group_of[id(r)] else ""
         print(f"{r.experiment or '-':12s} {r.label():36s} {done:20s} loss {r.final_loss(window):.4f}  "
-              f"val {r.final_val_loss():.4f}  {r.source}")
+              f"val {r.final_val_loss():.4f}  {r.source}{group}")
+
+
+def _outputs(out_dir: Path, prefix: str, name: str) -> list[Path]:
+    """Every file figure ``name`` may write (a stale one of them is removed when it fails)."""
+    if name == "summary":
+        return [out_dir / f"{prefix}summary.json", out_dir / f"{prefix}summary.md"]
+    stems = [f"sweep_{p}" for p in F.SWEEPABLE] if name == "sweep" else [name]
+    return [out_dir / f"{prefix}{stem}{ext}" for stem in stems for ext in (".png", ".pdf")]
+
+
+def _remove_stale(paths: Sequence[Path]) -> str:
+    """Remove the files that exist; their names, for the one-line report."""
+    gone = [p for p in paths if p.is_file()]
+    for p in gone:
+        p.unlink()
+    return f" (removed the stale {', '.join(p.name for p in gone)})" if gone else ""
+
+
+def _draw(name: str, runs: Sequence[Run], args, baseline: Run | None, grouping: Grouping, out_dir: Path,
+          layers: list[int] | None) -> list[Path]:
+    path = lambda stem: out_dir / f"{args.prefix}{stem}.png"  # noqa: E731
+    if name == "loss_gap":
+        return F.loss_gap(runs, path(name), ema_alpha=args.ema, baseline=baseline, grouping=grouping, pdf=args.pdf)
+    if name == "grad_norm":
+        return F.grad_norm(runs, path(name), ema_alpha=args.ema, grouping=grouping, pdf=args.pdf)
+    if name == "gains":
+        return G.gains(runs, path(name), step=args.step, pdf=args.pdf)
+    if name == "gains_by_step":
+        return G.gains_by_step(runs, path(name), pdf=args.pdf)
+    if name == "h_res":
+        return G.h_res(runs, path(name), step=args.step, layers=layers, pdf=args.pdf)
+    if name == "scaling":
+        return F.scaling(runs, path(name), window=args.window, ema_alpha=args.ema, baseline=baseline,
+                         grouping=grouping, pdf=args.pdf)
+    if name == "sweep":
+        params = F.swept_parameters(runs, grouping)
+        if not params:
+            raise AnalysisError("no sweep: n and t_max each take at most one value per variant among comparable runs")
+        written = []
+        for p in params:
+            written += F.sweep(runs, path(f"sweep_{p}"), param=p, window=args.window, grouping=grouping, pdf=args.pdf)
+        return written
+    if name == "ablation":
+        return F.ablation(runs, path(name), window=args.window, baseline=baseline, grouping=grouping, pdf=args.pdf)
+    assert name == "summary", name
+    rows = summarize(runs, baseline, args.window, grouping)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = _outputs(out_dir, args.prefix, "summary")
+    js.write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    md.write_text(summary_markdown(rows, args.window))
+    return [js, md]
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -136,14 +195,26 @@ def run(argv: Sequence[str] | None = None) -> int:
                         "curves, in [0, 1); 0 = raw (default 0.9)")
     parser.add_argument("--window", type=float, default=0.1, help="final loss = mean training loss over this "
                         "fraction of the last steps (default 0.1)")
-    parser.add_argument("--baseline", help="the run every gap is taken against (default: per run, the baseline "
-                        "run with the same model, tokens per step, steps and data)")
+    parser.add_argument("--baseline", help="the run every gap is taken against (default: per run, a baseline "
+                        "run with the same settings but the residual connection)")
+    parser.add_argument("--allow-mixed", action="store_true", help="average and difference runs of different "
+                        "settings (model, steps, data, ...) too, each such pairing named in a warning")
     parser.add_argument("--step", type=int, help="step of the gains / H_res records (default: the last)")
     parser.add_argument("--layers", help="single layers shown in the H_res figure, e.g. 1,6,12 "
                         "(default: first, middle, last)")
     parser.add_argument("--pdf", action="store_true", help="also write a PDF of every figure")
     parser.add_argument("--list", action="store_true", help="list the runs found and exit")
     args = parser.parse_args(argv)
+    grouping = Grouping(allow_mixed=args.allow_mixed)
+
+    warned: list[str] = []
+
+    def warn() -> None:  # once, before the skipped figures or the error line
+        if not warned:
+            warned.extend(grouping.warnings())
+            for line in warned:
+                print(f"{PROG}: warning: {line}", file=sys.stderr)
+
     try:
         if not 0 <= args.ema < 1:
             raise AnalysisError(f"--ema must be in [0, 1), got {args.ema}")
@@ -167,47 +238,32 @@ def run(argv: Sequence[str] | None = None) -> int:
         else:
             first = Path(args.sources[0])
             out_dir = first / "figures" if first.is_dir() else Path("figures")
-        path = lambda name: out_dir / f"{args.prefix}{name}.png"  # noqa: E731
 
         written: list[Path] = []
         skipped: list[str] = []
         for name in wanted:
             try:
-                if name == "loss_gap":
-                    written += F.loss_gap(runs, path("loss_gap"), ema_alpha=args.ema, baseline=baseline, pdf=args.pdf)
-                elif name == "grad_norm":
-                    written += F.grad_norm(runs, path("grad_norm"), ema_alpha=args.ema, pdf=args.pdf)
-                elif name == "gains":
-                    written += F.gains(runs, path("gains"), step=args.step, pdf=args.pdf)
-                elif name == "h_res":
-                    written += F.h_res(runs, path("h_res"), step=args.step, layers=layers, pdf=args.pdf)
-                elif name == "scaling":
-                    written += F.scaling(runs, path("scaling"), window=args.window, ema_alpha=args.ema,
-                                         baseline=baseline, pdf=args.pdf)
-                elif name == "sweep":
-                    params = F.swept_parameters(runs)
-                    if not params:
-                        raise AnalysisError("no sweep: n and t_max each take at most one value per variant")
-                    for p in params:
-                        written += F.sweep(runs, path(f"sweep_{p}"), param=p, window=args.window, pdf=args.pdf)
-                elif name == "ablation":
-                    written += F.ablation(runs, path("ablation"), window=args.window, baseline=baseline, pdf=args.pdf)
-                elif name == "summary":
-                    rows = summarize(runs, baseline, args.window)
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    js, md = out_dir / f"{args.prefix}summary.json", out_dir / f"{args.prefix}summary.md"
-                    js.write_text(json.dumps(rows, indent=1, default=str) + "\n")
-                    md.write_text(summary_markdown(rows, args.window))
-                    written += [js, md]
+                drawn = _draw(name, runs, args, baseline, grouping, out_dir, layers)
             except AnalysisError as e:
+                grouping.forget(name)
+                removed = _remove_stale(_outputs(out_dir, args.prefix, name))
                 if not auto:
-                    raise AnalysisError(f"{name}: {e}") from None
-                skipped.append(f"{name}: {e}")
+                    raise AnalysisError(f"{name}{removed}: {e}") from None
+                skipped.append(f"{name}{removed}: {e}")
+                continue
+            written += drawn
+            if name == "sweep":  # a sweep now over n only: no earlier sweep over t_max left beside it
+                stems = {p.stem for p in drawn}
+                removed = _remove_stale([p for p in _outputs(out_dir, args.prefix, name) if p.stem not in stems])
+                if removed:
+                    left = [p for p in F.SWEEPABLE if f"{args.prefix}sweep_{p}" not in stems]
+                    skipped.append(f"sweep over {' and '.join(left)}{removed}: not swept among comparable runs")
         partial = [r for r in runs if not r.complete]
         if partial and any(f in wanted for f in ("sweep", "scaling", "ablation")):
             print(f"{PROG}: note: {len(partial)} incomplete run(s) left out of the sweep / scaling / ablation "
                   f"figures: {', '.join(r.name for r in partial[:4])}{' ...' if len(partial) > 4 else ''}",
                   file=sys.stderr)
+        warn()
         for note in skipped:
             print(f"{PROG}: skipped {note}", file=sys.stderr)
         if not written:
@@ -216,6 +272,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(p)
         return 0
     except AnalysisError as e:
+        warn()
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 

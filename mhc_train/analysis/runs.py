@@ -26,12 +26,6 @@ from typing import Any, Iterable, Sequence
 METRICS = "metrics.jsonl"
 WANDB_PREFIX = "wandb:"
 
-# Settings that must agree for two runs' losses to be compared step by step (a loss gap):
-# the model, the tokens each step sees, the number of steps and the data.
-COMPARABLE_KEYS = ("model", "train.seq_len", "train.batch_size", "train.grad_accum", "train.steps",
-                   "data.source", "data.path", "data.vocab_size", "data.train_split")
-
-
 class AnalysisError(Exception):
     """Bad input for the analysis (no runs, no baseline, incompatible runs): one line, exit 2."""
 
@@ -149,24 +143,6 @@ class Run:
     def params(self) -> int | None:
         p = self.info.get("params")
         return int(p) if isinstance(p, (int, float)) else None
-
-    def comparable_key(self) -> dict[str, Any]:
-        return {k: get(self.config, k) for k in COMPARABLE_KEYS}
-
-    def differences(self, other: "Run") -> list[str]:
-        """The comparability settings in which two runs differ, as ``key: a vs b``."""
-        out = []
-        a, b = self.comparable_key(), other.comparable_key()
-        for key in COMPARABLE_KEYS:
-            if a[key] == b[key]:
-                continue
-            if isinstance(a[key], dict) and isinstance(b[key], dict):
-                for sub in sorted(set(a[key]) | set(b[key])):
-                    if a[key].get(sub) != b[key].get(sub):
-                        out.append(f"{key}.{sub}: {a[key].get(sub)} vs {b[key].get(sub)}")
-            else:
-                out.append(f"{key}: {a[key]} vs {b[key]}")
-        return out
 
     def label(self) -> str:
         """Legend text: the variant and its knobs (``mHC (n=4, t_max=20)``, ``HC (n=4, fixed pre)``)."""
@@ -478,74 +454,3 @@ def load_wandb(spec: str, *, timeout: float = 30.0) -> list[Run]:
     if not runs:
         raise AnalysisError(f"{WANDB_PREFIX}{spec}: no runs found")
     return runs
-
-
-# ------------------------------------------------------------------------------- baselines
-
-
-def match_baselines(runs: Sequence[Run], baseline: Run | None = None) -> list[tuple[Run, Run]]:
-    """(run, its baseline) for every non-baseline run. A run's baseline is ``baseline`` when
-    given, else a baseline run with the same model, tokens per step, steps and data (preferring
-    one of the same experiment and seed). AnalysisError when a run has none, naming what differs."""
-    others = [r for r in runs if r is not baseline and not r.is_baseline]
-    if not others:
-        raise AnalysisError("only baseline runs: nothing to compare to the baseline")
-    pairs = []
-    if baseline is not None:
-        for r in others:
-            diff = r.differences(baseline)
-            if diff:
-                raise AnalysisError(f"{r.source} is not comparable with the baseline {baseline.source}: "
-                                    f"{'; '.join(diff[:3])}")
-            pairs.append((r, baseline))
-        return pairs
-    bases = [r for r in runs if r.is_baseline]
-    if not bases:
-        raise AnalysisError(f"no baseline run among the {len(runs)} runs (train one with residual=baseline and "
-                            "the same settings, or pass --baseline RUN_DIR)")
-    for r in others:
-        same = [b for b in bases if not r.differences(b)]
-        if not same:
-            closest = min(bases, key=lambda b: len(r.differences(b)))
-            raise AnalysisError(f"{r.source} has no baseline with the same model, tokens per step, steps and data "
-                                f"(closest {closest.source} differs in {'; '.join(r.differences(closest)[:3])})")
-        same.sort(key=lambda b: (_setting_distance(r, b), b.experiment != r.experiment))
-        pairs.append((r, same[0]))
-    return pairs
-
-
-# Keys that say nothing about what a run trains on (left out when choosing among baselines).
-_IGNORED_PREFIXES = ("residual", "experiment", "logging", "run_name", "run_dir", "output_root", "resume",
-                     "train.threads", "train.device", "train.eval_", "train.checkpoint_", "train.keep_",
-                     "train.gains_", "train.stop_at", "train.max_consecutive", "data.cache_dir")
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def _setting_distance(a: Run, b: Run) -> int:
-    """How many training settings (lr, seed, schedule, ...) differ: the closest baseline wins."""
-    fa, fb = _flat(a.config), _flat(b.config)
-    keys = {k for k in set(fa) | set(fb) if not k.startswith(_IGNORED_PREFIXES)}
-    return sum(fa.get(k) != fb.get(k) for k in keys)
-
-
-def find_baseline(runs: Sequence[Run], spec: str | None) -> Run | None:
-    """The run named by ``--baseline`` (a directory among the runs, or a run name)."""
-    if spec is None:
-        return None
-    for r in runs:
-        if r.name == spec or (not r.source.startswith(WANDB_PREFIX) and Path(spec).exists()
-                              and Path(r.source).resolve() == Path(spec).resolve()):
-            return r
-    try:
-        extra = load_run_dir(spec)
-    except (AnalysisError, OSError):
-        raise AnalysisError(f"--baseline {spec}: not among the runs and not a run directory") from None
-    return extra

@@ -1,47 +1,31 @@
-"""Figures from the run logs: a run's loss curve, H_res heatmaps and gains, and the comparison of
-several runs (paper Fig 5a style: EMA-smoothed loss and its gap to the baseline).
+"""Figures from the run logs: a run's loss curve, H_res heatmaps and gains (drawn by the trainer
+as it goes), and the comparison of several runs (paper Fig 5a style: EMA-smoothed loss and its
+gap to the baseline).
 
     mhc-plot-losses runs/quickstart                   # a sweep directory: every run below it
-    mhc-plot-losses RUN_DIR RUN_DIR ... -o cmp.png    # chosen runs; the baseline run is found
+    mhc-plot-losses RUN_DIR RUN_DIR ... -o cmp.png    # chosen runs; each one's baseline is found
     python -m mhc_train.train.plot ...                # the same
 
-Figures are drawn with matplotlib's object API on the Agg canvas (no display, no pyplot state).
+A run is measured against a baseline of its own settings only (model, steps, data, ...: the
+analysis package's groups); a run without one is left out of the gap panel with a warning
+naming it and why (``--allow-mixed``: the closest baseline, still named in a warning).
+Reading, smoothing and the drawing rules are the analysis package's (``mhc-plot`` draws the
+paper's figures).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-METRICS = "metrics.jsonl"
+from mhc_train.analysis import draw
+from mhc_train.analysis.runs import METRICS, ema, read_metrics
 
-
-# ------------------------------------------------------------------------------------ reading
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a run's metrics.jsonl (a run directory or the file). For a step logged twice
-    (a resumed run that had gone past its checkpoint) the later record wins."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS
-    records: dict[tuple, dict] = {}
-    order = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            key = (rec.get("kind"), rec.get("step")) if rec.get("kind") != "run" else ("run", order)
-            order += 1
-            records.pop(key, None)
-            records[key] = rec
-    return sorted(records.values(), key=lambda r: (r.get("step", 0), r.get("kind") != "run"))
+__all__ = ["compare_runs", "ema", "plot_gains", "plot_h_res", "plot_run", "read_metrics"]
+PROG = "mhc-plot-losses"
 
 
 def series(records: Iterable[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
@@ -54,15 +38,6 @@ def series(records: Iterable[dict], kind: str, key: str) -> tuple[list[int], lis
     return xs, ys
 
 
-def ema(values: Sequence[float], alpha: float) -> list[float]:
-    """Debiased exponential moving average (as TensorBoard's smoothing): alpha = weight of the past."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values, start=1):
-        acc = alpha * acc + (1 - alpha) * v
-        out.append(acc / (1 - alpha ** i) if alpha > 0 else v)
-    return out
-
-
 def run_info(records: list[dict], run_dir: Path) -> dict[str, Any]:
     runs = [r for r in records if r.get("kind") == "run"]
     info = dict(runs[-1]) if runs else {}
@@ -70,29 +45,8 @@ def run_info(records: list[dict], run_dir: Path) -> dict[str, Any]:
     return info
 
 
-def run_label(info: dict[str, Any]) -> str:
-    variant = info.get("variant")
-    if not variant:
-        return str(info.get("run_name"))
-    if variant == "baseline":
-        return "baseline"
-    label = f"{variant.upper() if variant == 'hc' else 'mHC'} (n={info.get('n')}"
-    if variant == "mhc":
-        label += f", t_max={info.get('t_max')}"
-    return label + ")"
-
-
-# ------------------------------------------------------------------------------------ figures
-
-
 def _figure(width: float, height: float, rows: int = 1, cols: int = 1, **kw):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False, **kw)
-    return fig, axes
+    return draw.figure(width, height, rows, cols, **kw)
 
 
 def _save(fig, out: Path) -> Path:
@@ -143,7 +97,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, ema_alpha: floa
 
 def plot_h_res(h_res, out: str | Path, *, step: int, title: str = "") -> Path:
     """Token-averaged H_res of every sublayer (paper Fig 8): entries, row sums (forward gain) at
-    the right of each matrix, column sums (backward gain) below it."""
+    the right of each matrix, column sums (backward gain) below it. One diverging scale for all
+    layers, white at 0 (blue < 0 < red), with its colorbar."""
     import numpy as np
 
     h = np.asarray(h_res, dtype=float)
@@ -152,12 +107,7 @@ def plot_h_res(h_res, out: str | Path, *, step: int, title: str = "") -> Path:
     rows = math.ceil(layers / cols)
     size = 1.0 + 0.42 * n
     fig, axes = _figure(cols * size + 1.2, rows * (size + 0.35) + 0.8, rows, cols)
-    lo, hi = float(min(h.min(), 0.0)), float(max(h.max(), 1.0))
-    if lo < 0:  # HC: signed entries, centre the colormap on 0
-        bound = max(-lo, hi)
-        lo, hi, cmap = -bound, bound, "RdBu_r"
-    else:
-        cmap = "viridis"
+    cmap, norm = draw.diverging(h)
     image = None
     annotate = n <= 6
     for i in range(rows * cols):
@@ -166,7 +116,7 @@ def plot_h_res(h_res, out: str | Path, *, step: int, title: str = "") -> Path:
             ax.axis("off")
             continue
         m = h[i]
-        image = ax.imshow(m, cmap=cmap, vmin=lo, vmax=hi)
+        image = ax.imshow(m, cmap=cmap, norm=norm)
         kind = "attn" if i % 2 == 0 else "ffn"
         ax.set_title(f"layer {i + 1} ({kind} {i // 2 + 1})", fontsize=8)
         ax.set_xticks(range(n), [f"{c:.2f}" for c in m.sum(axis=0)], fontsize=6, rotation=90 if n > 4 else 0)
@@ -176,8 +126,8 @@ def plot_h_res(h_res, out: str | Path, *, step: int, title: str = "") -> Path:
         if annotate:
             for (r, c), v in np.ndenumerate(m):
                 ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=5.5,
-                        color="white" if (v - lo) / (hi - lo + 1e-12) < 0.5 else "black")
-    fig.suptitle(f"{title} H_res per layer at step {step}  (right: row sums = forward gain; "
+                        color=draw.text_color(cmap, norm, v))
+    fig.suptitle(f"{title} H_res per layer at step {step}; blue < 0 < red  (right: row sums = forward gain; "
                  f"below: column sums = backward gain)", fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.6, label="H_res entry")
@@ -195,13 +145,9 @@ def plot_gains(gains: dict[str, list[float]], out: str | Path, *, step: int, tit
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
         ax.set_xlabel("layer (attention and FFN sublayers, in order)")
         ax.set_ylabel("Amax gain magnitude")
-        values = [v for d in ("forward", "backward") for v in (gains.get(f"{which}_{d}") or [])]
-        if values and max(values) / max(min(values), 1e-12) > 50:
-            ax.set_yscale("log")
-        else:
-            ax.ticklabel_format(axis="y", useOffset=False)
+        draw.gain_axis(ax, [v for d in ("forward", "backward") for v in (gains.get(f"{which}_{d}") or [])])
         ax.set_title(f"{'single-layer H_res' if which == 'single' else 'composite product of H_res'}", fontsize=10)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle(f"{title} Amax gains at step {step}", fontsize=10)
     return _save(fig, out)
@@ -221,10 +167,10 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
         elif p.is_dir():
             below = sorted(m.parent for m in p.rglob(METRICS))
             if not below:
-                raise SystemExit(f"mhc-plot-losses: {p}: no {METRICS} in it or below it")
+                raise SystemExit(f"{PROG}: {p}: no {METRICS} in it or below it")
             runs.extend(below)
         else:
-            raise SystemExit(f"mhc-plot-losses: {p}: no such run directory")
+            raise SystemExit(f"{PROG}: {p}: no such run directory")
     seen, out = set(), []
     for r in runs:
         if r.resolve() not in seen:
@@ -234,68 +180,70 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def compare_runs(run_dirs: Sequence[Path], out: str | Path, *, ema_alpha: float = 0.9,
-                 baseline: Path | None = None) -> Path:
-    """EMA-smoothed training loss of each run, its gap to the baseline, and the grad norm."""
-    runs = []
-    for d in run_dirs:
-        records = read_metrics(d)
-        info = run_info(records, Path(d))
-        x, y = series(records, "train", "loss")
-        vx, vy = series(records, "val", "val_loss")
-        gx, gy = series(records, "train", "grad_norm")
-        if x:
-            runs.append({"dir": Path(d), "info": info, "label": run_label(info), "x": x, "y": ema(y, ema_alpha),
-                         "vx": vx, "vy": vy, "gx": gx, "gy": gy})
+                 baseline: Path | None = None, allow_mixed: bool = False) -> Path:
+    """EMA-smoothed training loss of each run, its gap to the baseline of its own settings, and
+    the grad norm. Runs of other settings than every baseline are left out of the gap panel,
+    each named in a warning on stderr."""
+    from mhc_train.analysis.groups import Grouping
+    from mhc_train.analysis.runs import AnalysisError, load_run_dir
+
+    try:
+        runs = [r for r in map(load_run_dir, run_dirs) if r.series("train", "loss")[0]]
+    except AnalysisError as e:
+        raise SystemExit(f"{PROG}: {e}") from None
     if not runs:
-        raise SystemExit("mhc-plot-losses: no training records in the given runs")
-    # the baseline first, then by label; one colour per run in every panel
-    runs.sort(key=lambda r: (r["info"].get("variant") != "baseline", r["label"]))
-    for i, r in enumerate(runs):
-        r["color"] = f"C{i}"
-    labels = [r["label"] for r in runs]
-    for r in runs:  # two runs with the same variant: tell them apart by their directory
-        if labels.count(r["label"]) > 1:
-            r["label"] = f"{r['label']} [{r['dir'].name}]"
+        raise SystemExit(f"{PROG}: no training records in the given runs")
+    runs = draw.sort_runs(runs)
+    grouping = Grouping(allow_mixed)
+    labels = draw.labels(runs, group_of=grouping.names(runs))
+    color = {id(r): f"C{i % 10}" for i, r in enumerate(runs)}
     base = None
     if baseline is not None:
-        base = next((r for r in runs if r["dir"].resolve() == Path(baseline).resolve()), None)
+        base = next((r for r in runs if Path(r.source).resolve() == Path(baseline).resolve()), None)
         if base is None:
-            raise SystemExit(f"mhc-plot-losses: --baseline {baseline} is not among the runs")
-    else:
-        base = next((r for r in runs if r["info"].get("variant") == "baseline"), None)
+            raise SystemExit(f"{PROG}: --baseline {baseline} is not among the runs")
+    try:
+        pairs, no_gap = grouping.baselines(runs, base, figure="the loss gap"), ""
+    except AnalysisError as e:
+        pairs, no_gap = [], str(e)
+    for line in grouping.warnings():
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
 
     fig, axes = _figure(16, 4.4, 1, 3)
     ax = axes[0][0]
+    curves = []
     for r in runs:
-        ax.plot(r["x"], r["y"], lw=1.4, label=r["label"], color=r["color"])
-        if r["vx"]:
-            ax.plot(r["vx"], r["vy"], "o", ms=3.5, color=r["color"], alpha=0.8)
+        x, y = r.series("train", "loss")
+        vx, vy = r.series("val", "val_loss")
+        y = ema(y, ema_alpha)
+        ax.plot(x, y, lw=1.4, label=labels[id(r)], color=color[id(r)])
+        if vx:
+            ax.plot(vx, vy, "o", ms=3.5, color=color[id(r)], alpha=0.8)
+        curves += [(x, y, color[id(r)]), (vx, vy, color[id(r)])]
+    # the y range of the last four fifths (the steep start would flatten the end), the start's
+    # points marked on the edge
+    tails = [y for xs, ys, _ in curves for y in ys[len(ys) // 5:]]
+    clipped = draw.clip_marked(ax, curves, min(tails), max(tails), signed=False) if tails else ""
     ax.set_xlabel("step")
     ax.set_ylabel(f"training loss (EMA {ema_alpha}); dots: validation")
-    ax.set_title("training loss")
+    ax.set_title("training loss" + (f"\n{clipped}" if clipped else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    lows = [min((r["y"][len(r["y"]) // 5:] or r["y"]) + r["vy"]) for r in runs]
-    highs = [max((r["y"][len(r["y"]) // 5:] or r["y"]) + r["vy"][len(r["vy"]) // 5:]) for r in runs]
-    if lows and highs:  # skip the first fifth (the steep start) so the end is readable
-        pad = 0.05 * (max(highs) - min(lows) + 1e-9)
-        ax.set_ylim(min(lows) - pad, max(highs) + pad)
 
     ax = axes[0][1]
-    if base is not None:
-        base_at = dict(zip(base["x"], base["y"]))
-        for r in runs:
-            if r is base:
-                continue
-            xs = [s for s in r["x"] if s in base_at]
-            at = dict(zip(r["x"], r["y"]))
-            ax.plot(xs, [at[s] - base_at[s] for s in xs], lw=1.4, label=r["label"], color=r["color"])
-        ax.axhline(0.0, color=base["color"], lw=1.0, ls="--", label=f"{base['label']} (reference)")
-        ax.set_title("absolute loss gap to the baseline (< 0: better)")
+    if pairs:
+        for r, b in pairs:
+            bx, by = b.series("train", "loss")
+            rx, ry = r.series("train", "loss")
+            base_at, at = dict(zip(bx, ema(by, ema_alpha))), dict(zip(rx, ema(ry, ema_alpha)))
+            xs = [s for s in rx if s in base_at]
+            ax.plot(xs, [at[s] - base_at[s] for s in xs], lw=1.4, label=f"{labels[id(r)]} - {labels[id(b)]}",
+                    color=color[id(r)])
+        ax.axhline(0.0, color="black", lw=1.0, ls="--", label="baseline (reference)")
+        ax.set_title("absolute loss gap to the baseline of the same settings (< 0: better)", fontsize=10)
         ax.legend(fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no baseline run among these\n(pass --baseline RUN_DIR)", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"no loss gap:\n{no_gap}", ha="center", va="center", wrap=True, transform=ax.transAxes)
         ax.set_title("loss gap to the baseline")
     ax.set_xlabel("step")
     ax.set_ylabel("loss - baseline loss (both EMA)")
@@ -303,8 +251,9 @@ def compare_runs(run_dirs: Sequence[Path], out: str | Path, *, ema_alpha: float 
 
     ax = axes[0][2]
     for r in runs:
-        if r["gx"]:
-            ax.plot(r["gx"], r["gy"], lw=0.9, label=r["label"], color=r["color"])
+        gx, gy = r.series("train", "grad_norm")
+        if gx:
+            ax.plot(gx, gy, lw=0.9, label=labels[id(r)], color=color[id(r)])
     ax.set_xlabel("step")
     ax.set_ylabel("global grad norm (before clipping)")
     ax.set_title("gradient norm")
@@ -315,14 +264,18 @@ def compare_runs(run_dirs: Sequence[Path], out: str | Path, *, ema_alpha: float 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="mhc-plot-losses",
+        prog=PROG,
         description="Loss curves of several runs and their gap to the baseline (paper Fig 5a style), "
                     "from their metrics.jsonl files.")
     parser.add_argument("runs", nargs="+", help="run directories, or directories with runs below them (a sweep)")
     parser.add_argument("-o", "--out", help="output PNG (default: loss_comparison.png in the sweep "
                         "directory when one directory is given, else in the current directory)")
-    parser.add_argument("--ema", type=float, default=0.9, help="EMA smoothing weight of the past, in [0, 1) (default 0.9)")
-    parser.add_argument("--baseline", help="the run to compute gaps against (default: the run with residual=baseline)")
+    parser.add_argument("--ema", type=float, default=0.9,
+                        help="EMA smoothing weight of the past, in [0, 1) (default 0.9)")
+    parser.add_argument("--baseline", help="the run to compute gaps against (default: per run, the baseline run "
+                        "with its settings)")
+    parser.add_argument("--allow-mixed", action="store_true", help="measure runs against a baseline of other "
+                        "settings (model, steps, data, ...) too, each named in a warning")
     args = parser.parse_args(argv)
     if not 0 <= args.ema < 1:
         parser.error(f"--ema must be in [0, 1), got {args.ema}")
@@ -333,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = Path(args.runs[0]) / "loss_comparison.png"
     else:
         out = Path("loss_comparison.png")
-    path = compare_runs(runs, out, ema_alpha=args.ema, baseline=Path(args.baseline) if args.baseline else None)
+    path = compare_runs(runs, out, ema_alpha=args.ema, baseline=Path(args.baseline) if args.baseline else None,
+                        allow_mixed=args.allow_mixed)
     print(f"{path}  ({len(runs)} runs: {', '.join(str(r) for r in runs)})")
 
 
