@@ -197,3 +197,28 @@ def test_chunked_loss_peak_memory_is_a_fraction_of_the_plain_one():
     assert plain["peak_mib"] > 2 * logits_mib  # the plain loss holds several [N, V] fp32 tensors
     assert chunked["peak_mib"] < 0.25 * plain["peak_mib"], (chunked, plain)
 
+
+def test_chunked_loss_with_pipeline_stages_is_refused(tmp_path, capsys, monkeypatch):
+    from test_train import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; refused before any process group
+    assert run(tmp_path / "runs", "model.loss_chunk_tokens=64", "parallel=mesh", "parallel.pp=2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("config error: model.loss_chunk_tokens: not supported with pipeline"), err
+
+
+def test_benchmarks_doc_shows_the_recorded_loss_memory():
+    """docs/benchmarks.md's loss-memory table is the one docs/data/bench_loss_memory.json holds."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / "docs" / "data" / "bench_loss_memory.json").read_text())
+    doc = (root / "docs" / "benchmarks.md").read_text()
+    assert data["command"] in doc
+    shown = {(int(v.replace(",", "")), kind.strip(), int(mib))
+             for v, kind, mib in re.findall(r"^\| ([\d,]+) \| (plain|chunked, \d+ tokens) \| (\d+) \|", doc, re.M)}
+    recorded = {(r["vocab"], "plain" if r["chunk"] is None else f"chunked, {r['chunk']} tokens", round(r["peak_mib"]))
+                for r in data["results"]}
+    assert shown == recorded

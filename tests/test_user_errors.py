@@ -126,3 +126,15 @@ def test_short_documented_runs_work_with_the_defaults(cache, tmp_path):
     assert run(out, "train.steps=3", "train.seq_len=null", "optim.warmup_steps=null") != 0  # not a value
     assert run(out, "model=tiny", "train.steps=3", "train.batch_size=2", "train.eval_batches=1") == 0
     assert len(train_records(run_dir(out))) == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.compile=true", "residual.backend=triton"], "config error: train.compile: not with residual.backend=triton"),
+    (["train.compile=true", "residual.recompute=auto"], "config error: train.compile: not with residual.recompute alone"),
+    (["train.activation_checkpoint=some"], "config error: train.activation_checkpoint: must be one of none, selective, full"),
+])
+def test_compile_and_checkpoint_options_are_checked(cache, tmp_path, capsys, overrides, message):
+    assert run(tmp_path / "runs", *overrides) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
+    assert not (tmp_path / "runs").exists()

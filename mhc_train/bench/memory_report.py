@@ -11,13 +11,24 @@ A tensor kept for backward counts once (by storage) under the part of the step t
 - parameters are not activations and are left out; embedding, head and loss are listed apart.
 Table 3 with recomputation predicts n C ceil(L / L_r) + C L elements per token for the
 residual stream (x_l0 per block, F output per sublayer), lightweight coefficients excluded.
+
+    python -m mhc_train.bench.memory_report --activation-checkpoint [--json PATH]
+
+measures instead the CPU memory of one training step (forward + backward of one batch) for every
+``train.activation_checkpoint`` option x ``residual.recompute`` off / auto: the bytes alive when
+backward starts (what the forward kept) and the peak during the step, both above what was
+allocated before it (weights; the gradients made in backward count). Checkpointed blocks hide
+their saves from saved-tensor hooks, so this mode counts allocations instead, from the
+profiler's allocation events (``step_memory``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -101,6 +112,109 @@ def report(model_name: str, batch: int, seq: int, n: int, t_max: int) -> list[Me
     return rows
 
 
+@dataclass
+class StepMemoryRow:
+    variant: str
+    activation_checkpoint: str
+    recompute: str
+    kept_bytes: int  # alive when backward starts: what the forward kept for it
+    peak_bytes: int  # the step's peak (forward + backward)
+    tokens: int
+
+
+def _events(prof):
+    """Every event the profiler recorded (op tree, depth first)."""
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        yield e
+        stack.extend(e.children)
+
+
+def _allocation_events(prof) -> list[tuple[int, int, int]]:
+    """(time ns, address, bytes: + allocated, - freed) of every allocation event, in time order."""
+    from torch._C._profiler import _EventType
+
+    return sorted((e.start_time_ns, e.typed[1].ptr, e.typed[1].alloc_size) for e in _events(prof)
+                  if e.typed[0] == _EventType.Allocation)
+
+
+BACKWARD_MARK = "mhc_backward"
+
+
+def allocated_during(fn) -> tuple[int, int]:
+    """Run ``fn()`` under the profiler: (bytes alive when a ``record_function(BACKWARD_MARK)``
+    region first began, 0 without one; the peak), both counting only CPU blocks allocated during
+    the call (a block allocated before and freed inside does not count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    marks = [e.start_time_ns for e in _events(prof) if e.name == BACKWARD_MARK]
+    start = min(marks) if marks else None
+    live: dict[int, int] = {}
+    alive = peak = kept = 0
+    for t, ptr, size in _allocation_events(prof):
+        if start is not None and t >= start:
+            kept, start = alive, None
+        if size > 0:
+            live[ptr] = size
+            alive += size
+        elif ptr in live:
+            alive -= live.pop(ptr)
+        peak = max(peak, alive)
+    return kept, peak
+
+
+def step_memory(model: MHCTransformer, tokens: torch.Tensor) -> tuple[int, int]:
+    """(bytes alive when backward starts: what the forward kept; the peak) of one forward +
+    backward of ``tokens`` [B, S + 1], above what was allocated before."""
+    from torch.profiler import record_function
+
+    def step():
+        out = model(tokens[:, :-1], tokens[:, 1:])
+        with record_function(BACKWARD_MARK):
+            out.loss.backward()
+
+    return allocated_during(step)
+
+
+def activation_checkpoint_report(model_name: str, batch: int, seq: int, n: int, t_max: int,
+                                 variants=("baseline", "hc", "mhc")) -> list[StepMemoryRow]:
+    """One step's memory for each variant x train.activation_checkpoint x residual.recompute, fp32."""
+    from mhc_train.train.activation_checkpoint import MODES, apply_activation_checkpointing
+
+    cfg = load_model_config(model_name)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for variant in variants:
+        for mode in MODES:
+            for setting in ("off", "auto"):
+                rcfg = ResidualConfig(variant=variant, n=n if variant != "baseline" else 1, t_max=t_max,
+                                      recompute=setting)
+                torch.manual_seed(0)
+                model = MHCTransformer(cfg, rcfg).train()
+                apply_activation_checkpointing(list(model.blocks), mode)
+                step_memory(model, tokens)  # warm-up: lazily made state (RoPE tables, thread pools)
+                model.zero_grad(set_to_none=True)
+                kept, peak = step_memory(model, tokens)
+                rows.append(StepMemoryRow(variant, mode, setting, kept, peak, batch * seq))
+                del model
+    return rows
+
+
+def print_activation_checkpoint(rows: list[StepMemoryRow], header: str) -> None:
+    mib = 2**20
+    print(header)
+    print("| variant | activation_checkpoint | residual.recompute | kept for backward (MiB) | step peak (MiB) "
+          "| peak vs none |")
+    print("|---|---|---|---:|---:|---:|")
+    base = {r.variant: r.peak_bytes for r in rows if r.activation_checkpoint == "none" and r.recompute == "off"}
+    for r in rows:
+        print(f"| {r.variant} | {r.activation_checkpoint} | {r.recompute} | {r.kept_bytes / mib:.1f} | "
+              f"{r.peak_bytes / mib:.1f} | {r.peak_bytes / base[r.variant]:.2f}x |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="small")
@@ -108,8 +222,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--t-max", type=int, default=20)
+    p.add_argument("--activation-checkpoint", action="store_true",
+                   help="one step's CPU memory for each train.activation_checkpoint x residual.recompute")
+    p.add_argument("--json", type=Path, default=None, help="with --activation-checkpoint: write the rows here")
     args = p.parse_args(argv)
     cfg = load_model_config(args.model)
+    if args.activation_checkpoint:
+        rows = activation_checkpoint_report(args.model, args.batch, args.seq, args.n, args.t_max)
+        header = (f"model={args.model} C={cfg.dim} L={cfg.n_layers} blocks n={args.n} batch={args.batch} "
+                  f"seq={args.seq} ({args.batch * args.seq} tokens), fp32, CPU, torch {torch.__version__}; "
+                  "bytes above the weights, gradients included")
+        print_activation_checkpoint(rows, header)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({
+                "what": "one training step (forward + backward) on CPU: bytes alive when backward starts and the "
+                        "step's peak, above what was allocated before it (weights); gradients included",
+                "command": "mhc-train-memory --activation-checkpoint " + " ".join(
+                    f"--{k.replace('_', '-')} {v}" for k, v in (("model", args.model), ("batch", args.batch),
+                                                               ("seq", args.seq), ("n", args.n),
+                                                               ("t_max", args.t_max))),
+                "model": args.model, "dim": cfg.dim, "n_layers": cfg.n_layers, "n": args.n, "batch": args.batch,
+                "seq": args.seq, "precision": "fp32", "torch": torch.__version__,
+                "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+        return
     rows = report(args.model, args.batch, args.seq, args.n, args.t_max)
     print(f"model={args.model} C={cfg.dim} L={cfg.n_sublayers} sublayers n={args.n} tokens={args.batch * args.seq}, fp32")
     print("bytes kept for backward per token per sublayer (residual stream = Table 3's quantity)")

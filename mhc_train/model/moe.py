@@ -15,6 +15,8 @@ parallelism, free of device-to-host syncs in forward and backward.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,29 @@ from torch import nn
 
 from mhc_train.model.config import ModelConfig
 from mhc_train.model.ffn import SwiGLU
+
+
+class _Recomputing(threading.local):
+    active = False
+
+
+_recomputing = _Recomputing()
+
+
+@contextlib.contextmanager
+def recomputed_forward():
+    """Marks a forward that activation checkpointing re-runs in backward
+    (``mhc_train.train.activation_checkpoint``): its side effects belong to the original forward.
+    Inside, routers do not add to ``expert_load`` (the bias update and the imbalance metric would
+    count every token twice) and MoE leaves ``aux_loss`` alone (a pipeline stage reads it after
+    each forward). Thread-local: a DualPipeV pair recomputes in one thread while the other runs a
+    forward."""
+    previous = _recomputing.active
+    _recomputing.active = True
+    try:
+        yield
+    finally:
+        _recomputing.active = previous
 
 
 def count_per_expert(flat_expert: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -55,7 +80,7 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.route_scale
-        if self.training:
+        if self.training and not _recomputing.active:
             with torch.no_grad():
                 self.expert_load += count_per_expert(indices.flatten(), self.n_experts)
         return weights, indices, scores
@@ -119,17 +144,61 @@ def grouped_mm_supported(x: torch.Tensor, w1: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` runs the experts of x [N, C] and w1 [E, F, C] without a host
     sync. CPU takes fp32 / bf16 / fp16; on CUDA only the bf16 kernel of sm90 / sm100 avoids the
     fallback, which copies the offsets to the host per call (aten GroupedMMUtils.h). Every operand's
-    row stride must be a multiple of 16 bytes; the meta kernel that tracing uses accepts only bf16."""
+    row stride must be a multiple of 16 bytes. Under torch.compile (``train.compile``) a host sync
+    inside the op beats the loop's, which would break the graph: bf16 takes the fallback on any
+    CUDA GPU, and ``grouped_mm`` stands in for the meta kernel, which accepts only bf16."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    if not hasattr(torch, "_grouped_mm") or (torch.compiler.is_compiling() and dtype != torch.bfloat16):
+    if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cpu":
         kernel = dtype in (torch.float32, torch.bfloat16, torch.float16)
     elif x.device.type == "cuda" and torch.version.hip is None:
-        kernel = dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+        fast = torch.compiler.is_compiling() or torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+        kernel = dtype == torch.bfloat16 and fast
     else:
         kernel = False
     return kernel and all(d * dtype.itemsize % 16 == 0 for d in w1.shape[1:])
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm(a, b, offs=offs)``; under torch.compile in another dtype than bf16 the same
+    kernel behind an opaque op (``mhc_train::grouped_mm``): the meta kernel that tracing needs
+    refuses every dtype but bf16, and the per-expert loop would read the counts on the host (a
+    graph break). Eager calls the kernel directly."""
+    if torch.compiler.is_compiling() and a.dtype != torch.bfloat16:
+        return _opaque_grouped_mm(a, b, offs)
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@torch.library.custom_op("mhc_train::grouped_mm", mutates_args=())
+def _opaque_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@_opaque_grouped_mm.register_fake
+def _(a, b, offs):
+    if b.dim() == 3:  # a [N, K] rows grouped by offs, b [E, K, F] -> [N, F]
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[-1])  # a [K, N], b [N, F] split along N -> [E, K, F]
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    grad_a = grad_b = None
+    if b.dim() != 3:
+        raise NotImplementedError("mhc_train::grouped_mm: gradient of the 2d x 2d form")
+    if ctx.needs_input_grad[0]:  # per group: grad_a = grad b[e]^T
+        grad_a = _opaque_grouped_mm(grad, b.transpose(-2, -1), offs)
+    if ctx.needs_input_grad[1]:  # per group: grad_b[e] = a_e^T grad_e
+        grad_b = _opaque_grouped_mm(a.t(), grad, offs)
+    return grad_a, grad_b, None
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+_opaque_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -186,9 +255,9 @@ class RoutedExperts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # _grouped_mm is no autocast op: cast as F.linear would
             dtype = torch.get_autocast_dtype(x.device.type)
             x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
-        hidden = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets))
-        hidden = hidden * torch._grouped_mm(x, w3.transpose(-2, -1), offs=offsets)
-        return torch._grouped_mm(hidden, w2.transpose(-2, -1), offs=offsets)
+        hidden = F.silu(grouped_mm(x, w1.transpose(-2, -1), offsets))
+        hidden = hidden * grouped_mm(x, w3.transpose(-2, -1), offsets)
+        return grouped_mm(hidden, w2.transpose(-2, -1), offsets)
 
     @staticmethod
     def _loop(x, offsets, w1, w3, w2) -> torch.Tensor:
@@ -220,7 +289,9 @@ class MoE(nn.Module):
         out = self.dispatcher.combine(self.experts(x_grouped, offsets), weights, ctx)
         if self.shared is not None:
             out = out + self.shared(tokens)
-        self.aux_loss = self._sequence_balance_loss(scores, indices, shape) if self.training else None
+        aux_loss = self._sequence_balance_loss(scores, indices, shape) if self.training else None
+        if not _recomputing.active:  # computed all the same: a checkpoint replays every op of the forward
+            self.aux_loss = aux_loss
         return out.view(shape)
 
     def _sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, shape) -> torch.Tensor | None:

@@ -6,7 +6,8 @@
              self-test on that device: the first use compiles every kernel on tiny inputs,
              forward and backward, and compares them with the reference. A kernel that does not
              compile or does not agree makes ``auto`` warn once and run the reference on that
-             device, rather than fail (or train on wrong numbers) hours into a job.
+             device, rather than fail (or train on wrong numbers) hours into a job. Inside
+             ``torch.compile`` (``train.compile``) auto is torch: the compiler fuses the reference.
 
 ``TRITON_INTERPRET=1`` makes Triton run kernels in its Python interpreter, ~1000x slower: right
 for CPU tests, never for a GPU run. It is refused for CUDA tensors (``triton``: an error;
@@ -43,7 +44,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
     if backend == "auto":
-        return _auto(device)
+        # Under torch.compile (train.compile) the reference: the compiler fuses it, and dynamo
+        # cannot trace the kernels' Python wrappers (nor run the self-test while tracing).
+        return "torch" if torch.compiler.is_compiling() else _auto(device)
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend='triton' requested but the mHC Triton kernels are not available")

@@ -26,16 +26,18 @@ class ResidualConnection(nn.Module):
         super().__init__()
         # While recording, read() sums H_res over the tokens it sees (no grad), over as many
         # forwards as run (a pipeline stage sees one micro-batch per forward): recorded_h_res is
-        # their token average, for the gain metrics.
+        # their token average, for the gain metrics. The token count is a tensor too: a compiled
+        # block (train.compile) specialises on Python ints it reads, and would recompile for every
+        # forward of one recording.
         self.record_mappings = False
         self._h_res_sum: torch.Tensor | None = None
-        self._h_res_tokens = 0
+        self._h_res_tokens: torch.Tensor | None = None
 
     def start_recording(self) -> None:
-        self.record_mappings, self._h_res_sum, self._h_res_tokens = True, None, 0
+        self.record_mappings, self._h_res_sum, self._h_res_tokens = True, None, None
 
     def stop_recording(self) -> None:
-        self.record_mappings, self._h_res_sum, self._h_res_tokens = False, None, 0
+        self.record_mappings, self._h_res_sum, self._h_res_tokens = False, None, None
 
     @property
     def recorded_h_res(self) -> torch.Tensor | None:
@@ -50,9 +52,10 @@ class ResidualConnection(nn.Module):
     def _record(self, h_res: torch.Tensor) -> None:
         if self.record_mappings:
             h = h_res.detach().float().reshape(-1, self.n, self.n)
-            total = h.sum(dim=0)
-            self._h_res_sum = total if self._h_res_sum is None else self._h_res_sum + total
-            self._h_res_tokens += h.shape[0]
+            total, tokens = h.sum(dim=0), h.new_full((), h.shape[0], dtype=torch.int64)
+            first = self._h_res_sum is None
+            self._h_res_sum = total if first else self._h_res_sum + total
+            self._h_res_tokens = tokens if first else self._h_res_tokens + tokens
 
 
 class BaselineResidual(ResidualConnection):

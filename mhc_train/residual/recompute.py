@@ -228,6 +228,12 @@ def _unpack(obj):
 
 @contextlib.contextmanager
 def _labelled(region):
+    if torch.compiler.is_compiling():
+        # The labels serve eager observers (the memory report, selective checkpointing's policy);
+        # inside a compiled block they would be global side effects, which dynamo refuses inside
+        # torch.utils.checkpoint's region (train.activation_checkpoint with train.compile).
+        yield
+        return
     previous = _current_region[0]
     _current_region[0] = region
     try:
@@ -246,7 +252,10 @@ class PlainRegions:
 
     @contextlib.contextmanager
     def layer(self, index, layer_input):
-        with _labelled(("layer", index, _storage_key(layer_input))):
+        # The storage key lets the memory report tell the layer's input apart; a compiled block
+        # labels nothing (``_labelled``), and data_ptr would be a graph break there.
+        key = None if torch.compiler.is_compiling() else _storage_key(layer_input)
+        with _labelled(("layer", index, key)):
             yield
 
     @contextlib.contextmanager

@@ -159,8 +159,12 @@ class ApplyPost(torch.autograd.Function):
         ctx.res_x_dtype = res_x.dtype
         if out_dtype != res_x.dtype:
             return torch.addcmul(res_x, h3, y3).to(out_dtype)
-        ctx.mark_dirty(res_x)
-        return res_x.addcmul_(h3, y3)
+        # torch.compile: dynamo accepts mark_dirty only when it sees the dirty input returned, and
+        # only with an autograd graph to record (not in evaluation, which needs no marking).
+        if any(ctx.needs_input_grad):
+            ctx.mark_dirty(res_x)
+        res_x.addcmul_(h3, y3)
+        return res_x
 
     @staticmethod
     @once_differentiable

@@ -35,6 +35,7 @@ SCHEMA_NAME = "mhc_train_schema"
 
 # Learning rates of the mHC paper's Table 5 for its sizes; the small sizes were tuned on CPU
 # runs of the bundled corpus (docs/training.md).
+ACTIVATION_CHECKPOINT_MODES = ("none", "selective", "full")
 DEFAULT_SEQ_LEN = 256  # train.seq_len (capped at model.max_seq_len)
 DEFAULT_WARMUP_STEPS = 30  # optim.warmup_steps (capped for short runs)
 DEFAULT_LR_BY_SIZE = {"tiny": 3.0e-3, "small": 3.0e-3, "3b": 8.6e-4, "9b": 5.9e-4, "27b": 4.0e-4}
@@ -148,6 +149,9 @@ class LoopConfig:
     max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
     stop_at: Optional[int] = None  # stop (checkpoint, exit 0) after this step, as a preempted job
     peak_flops: Optional[float] = None  # per device, for MFU; null = from the GPU's name
+    # Per block, before the data-parallel wrappers (mhc_train/train/block_wrappers.py):
+    activation_checkpoint: str = "none"  # none | selective | full (composes with residual.recompute)
+    compile: bool = False  # torch.compile each block (torchtitan's per-block compile)
     # Testing hook: the loss of these steps is replaced by NaN (exercises the skip logic).
     inject_nonfinite_at: List[int] = field(default_factory=list)
 
@@ -386,6 +390,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision",
            f"must be auto, fp32 or bf16, got {t.precision!r}")
     _check(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1 or null, got {t.threads}")
+    _check(t.activation_checkpoint in ACTIVATION_CHECKPOINT_MODES, "train.activation_checkpoint",
+           f"must be one of {', '.join(ACTIVATION_CHECKPOINT_MODES)}, got {t.activation_checkpoint!r}")
     _check(t.grad_clip is None or (t.grad_clip >= 0 and math.isfinite(t.grad_clip)), "train.grad_clip",
            f"must be >= 0 or null (0/null = off), got {t.grad_clip}")
     _check(t.stop_at is None or 1 <= t.stop_at <= t.steps, "train.stop_at",
@@ -445,6 +451,18 @@ def validate(cfg: DictConfig) -> RunConfig:
            f"{parallel.mode} runs under torchrun (e.g. torchrun --standalone --nproc_per_node=2 -m mhc_train.train "
            f"parallel={parallel.mode})")
     degrees = mesh_degrees(parallel, world, model)
+    _check(not (model.loss_chunk_tokens and degrees.pp > 1), "model.loss_chunk_tokens",
+           "not supported with pipeline stages (pp > 1): the last stage returns logits, and the loss is taken from them")
+    if t.compile:  # what dynamo cannot trace (mhc_train/train/compile.py)
+        _check(residual.backend != "triton", "train.compile",
+               "not with residual.backend=triton (dynamo cannot trace the kernels' Python wrappers); "
+               "use residual.backend=auto or torch")
+        _check(residual.recompute == "off" or t.activation_checkpoint != "none", "train.compile",
+               "not with residual.recompute alone (its saved-tensor hooks work by storage inside the block); "
+               "use train.activation_checkpoint=selective or full instead, or residual.recompute=off")
+        _check(degrees.ep == 1, "train.compile",
+               "not with expert parallelism (parallel.ep > 1: the all-to-all's split sizes are read on the host)")
+        _check(parallel.mode != "deepspeed", "train.compile", "not with parallel=deepspeed (untested)")
     _check(not (data.document_mask and degrees.pp > 1), "data.document_mask",
            "not supported with pipeline stages (pp > 1): the stage boundaries carry streams only")
     if degrees.pp > 1:

@@ -3,8 +3,10 @@
 The trainer owns the loop, the metrics, the skip logic and the checkpoints; a layout owns what
 differs between engines. All three share one shape of step:
 
-    layout.prepare()                       materialise this rank's weights (the model is built on the
-                                           meta device) and wrap it / cut it into pipeline stages
+    layout.prepare()                       wrap each block (activation checkpointing, compile:
+                                           mhc_train/train/block_wrappers.py), materialise this rank's
+                                           weights (the model is built on the meta device) and wrap it /
+                                           cut it into pipeline stages
     optimizer over layout.optimized_module, layout.attach(optimizer)   (DeepSpeed: the engine)
     per step:
       forward_backward(batches, autocast, inject)  -> (loss, ce, aux) of this step, equal on all ranks
@@ -34,14 +36,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from mhc_train.autocast_state import autocast_context
 from mhc_train.model import MHCTransformer
 from mhc_train.parallel.data_parallel import full_value, wrap_deepspeed, wrap_model
+from mhc_train.train.block_wrappers import wrap_blocks
 from mhc_train.train.checkpoint import ModelState
 
 
@@ -78,6 +83,7 @@ class Layout:
         return self.model
 
     def prepare(self) -> None:
+        wrap_blocks(self.model, self.cfg)  # activation checkpointing, compile: still on the meta device
         self._materialize(self.model)
 
     def _materialize(self, module: nn.Module) -> None:
@@ -174,17 +180,61 @@ def model_steps(forward: nn.Module, batches, autocast: Callable, inject: bool, s
     """Forward and backward of each micro-batch through ``forward`` (the model or its DDP / FSDP
     wrapper); ``sync(i, last)`` is entered around micro-batch i and controls the gradient
     reduction. A batch is (inputs, targets) or, with data.document_mask, (inputs, targets,
-    segment_ids). Returns this rank's (loss, ce, aux), averaged over the micro-batches."""
+    segment_ids). Returns this rank's (loss, ce, aux), averaged over the micro-batches.
+
+    One autocast region spans the step: autocast keeps the low-precision copy of each weight it
+    casts until its outermost region ends, so every micro-batch (and every recomputation in
+    backward) reuses the copies made by the first forward instead of casting every weight again
+    per micro-batch. The backward passes run inside the region with autocast off (they always ran
+    outside autocast), which keeps those copies without changing any backward op."""
     accum = len(batches)
     sums = torch.zeros(3, device=device)  # loss, ce, aux
-    for i, (inputs, targets, *segment_ids) in enumerate(batches):
-        with sync(i, i == accum - 1):
-            with autocast():
+    with autocast():
+        owner = threading.get_ident()
+        for i, (inputs, targets, *segment_ids) in enumerate(batches):
+            with sync(i, i == accum - 1):
                 out = forward(inputs, targets, *segment_ids)
-            loss = out.loss * float("nan") if inject else out.loss
-            (loss / accum).backward()
-        sums += _parts(loss, out)
+                with autocast_context([]):
+                    loss = out.loss * float("nan") if inject else out.loss
+                    hold_weight_casts_in_backward(loss, owner)
+                    (loss / accum).backward()
+                    sums += _parts(loss, out)
     return sums / accum
+
+
+class _Held(threading.local):
+    held = False
+
+
+_held = _Held()
+
+
+def hold_weight_casts() -> None:
+    """Stop this thread from clearing autocast's weight-cast cache, for the rest of its life.
+
+    The cache is one for all threads, and a thread clears it whenever it leaves its own outermost
+    autocast region. Threads other than the one holding a step's region enter and leave regions of
+    their own in the middle of the step: autograd's CUDA device threads (the connections' fp32
+    backward maths, every recomputation) and DualPipeV's forward worker. Counting one region as
+    open in such a thread, for good, keeps the copies until the step's own region ends, which
+    still clears the cache before the optimizer changes the weights. Never call it in the thread
+    that holds the step's region (its region would then never end)."""
+    if not _held.held:
+        torch.autocast_increment_nesting()
+        _held.held = True
+
+
+def hold_weight_casts_in_backward(tensor: torch.Tensor, owner: int) -> None:
+    """``hold_weight_casts`` in whichever thread starts the backward through ``tensor``, unless it
+    is ``owner`` (the thread of the step's region; on CPU autograd runs there)."""
+    if not tensor.requires_grad:
+        return
+
+    def hook(grad):
+        if threading.get_ident() != owner:
+            hold_weight_casts()
+
+    tensor.register_hook(hook)
 
 
 class DeepSpeedLayout(Layout):

@@ -4,7 +4,8 @@
 ``fsdp`` (dp_shard = world, optionally with ep) and ``pipeline`` (pp = world). How a step runs:
 
     prepare()   build the mesh (mhc_train.parallel.mesh); pp > 1: cut this pipeline rank's stages
-                (pipeline group = the pp dimension); ep > 1: shard the routed experts over ep
+                (pipeline group = the pp dimension); wrap their blocks (activation checkpointing,
+                compile: mhc_train/train/block_wrappers.py); ep > 1: shard the routed experts over ep
                 (still on the meta device); then each stage (or the model) is materialised block
                 by block and FSDP2-sharded over the data ranks, experts over theirs
     step        pp > 1: the schedule runs the micro-batches of this data rank's batch;
@@ -21,18 +22,22 @@ of one pipeline read the same part.
 from __future__ import annotations
 
 import contextlib
+import threading
+import types
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from mhc_train.autocast_state import autocast_context, autocast_state
 from mhc_train.parallel.data_parallel import shard_model
 from mhc_train.parallel.grad_norm import clip_grads_, global_grad_norm
 from mhc_train.parallel.mesh import build_mesh
 from mhc_train.residual import composite_gains
+from mhc_train.train.block_wrappers import wrap_blocks
 from mhc_train.train.config import mesh_degrees, reshard_after_forward
-from mhc_train.train.layouts import Layout, model_steps
+from mhc_train.train.layouts import Layout, hold_weight_casts, hold_weight_casts_in_backward, model_steps
 
 
 class RankStages(nn.Module):
@@ -55,9 +60,33 @@ def _blocks(root: nn.Module) -> list[nn.Module]:
     return list(blocks.values()) if isinstance(blocks, nn.ModuleDict) else list(blocks)
 
 
+def _under_step_autocast(stage: nn.Module, layout: "MeshLayout") -> None:
+    """Run ``stage``'s forward under the training step's autocast state (``forward_backward``),
+    keeping autocast's weight casts for the whole step in other threads too (DualPipeV's forward
+    worker; autograd's CUDA device threads, from the output's backward on: ``hold_weight_casts``);
+    outside a step (evaluation) as called."""
+    forward = type(stage).forward
+
+    def run(self, *args, **kwargs):
+        state, owner = layout._step_autocast, layout._step_thread
+        if state is None:
+            return forward(self, *args, **kwargs)
+        if threading.get_ident() != owner:
+            hold_weight_casts()
+        with autocast_context(state):
+            out = forward(self, *args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            hold_weight_casts_in_backward(out, owner)
+        return out
+
+    stage.forward = types.MethodType(run, stage)
+
+
 class MeshLayout(Layout):
     def __init__(self, model, device, cfg, bf16):
         super().__init__(model, device, cfg, bf16)
+        self._step_autocast: list | None = None  # during a pipeline step (_under_step_autocast)
+        self._step_thread: int | None = None
         self.mode = cfg.parallel.mode
         self.degrees = mesh_degrees(cfg.parallel, self.world_size, cfg.model)
         self.pipe = None
@@ -99,6 +128,10 @@ class MeshLayout(Layout):
                 logits_dtype=torch.bfloat16 if self.bf16 else None)  # streams stay fp32
             roots = self.pipe.modules
             self.local = RankStages(roots)
+            for root in roots:
+                _under_step_autocast(root, self)
+        for root in roots:  # per block, before expert parallelism and FSDP wrap or allocate anything
+            wrap_blocks(root, self.cfg)
         if d.ep > 1:  # on the meta device: each rank materialises only its experts
             apply_expert_parallel([b.ffn for r in roots for b in _blocks(r) if b.is_moe], self.mesh.ep_mesh())
         data_mesh = self.mesh.data_mesh()
@@ -122,8 +155,18 @@ class MeshLayout(Layout):
 
             return self.reduce_mean(model_steps(self.model, batches, autocast, inject, sync, self.device))
         (inputs, targets), = batches  # the pipeline's micro-batches accumulate (validated)
+        # One autocast region for the step, as in model_steps: the weight casts of the first forward
+        # are reused by every micro-batch's forward and recomputation instead of one copy per
+        # micro-batch in flight. Autocast itself is off in the region and back on inside each stage
+        # forward (_under_step_autocast), so the schedule's backward passes run without it, as in
+        # one process (under autocast the backward of an fp32 op, the router's, ran in bf16).
         with autocast():
-            loss = self.pipe.step(inputs, targets, broadcast_loss=True)
+            self._step_autocast, self._step_thread = autocast_state(), threading.get_ident()
+            try:
+                with autocast_context([]):
+                    loss = self.pipe.step(inputs, targets, broadcast_loss=True)
+            finally:
+                self._step_autocast = None
         ce = self.pipe.last_ce_loss
         aux = self.pipe.last_aux_loss if self.pipe.last_aux_loss is not None else torch.zeros((), device=self.device)
         parts = torch.stack([loss.detach().float(), ce.detach().float(), aux.detach().float()])
