@@ -49,3 +49,16 @@ def composer():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         yield lambda *overrides: compose("config", overrides=list(overrides))
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures(...)``): the tiny
+    model gains nothing from a second thread, and on a busy machine OpenMP's waiting threads make
+    it several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

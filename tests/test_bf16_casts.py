@@ -27,14 +27,7 @@ from mhc_train.train.layouts import model_steps
 MICRO_BATCHES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model gains nothing from a second thread, and on a busy machine OpenMP's waiting
-    threads make it several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 class WeightCasts(TorchDispatchMode):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mhc_train.analysis.runs import WANDB_PREFIX, AnalysisError, Run, get, load_run_dir
+from mhc_train.nested import flatten
 
 # Settings in which runs of one group may differ: what the figures compare (the residual variant
 # and its knobs), what they average over (the seed), and what changes how a run is executed or
@@ -36,16 +37,6 @@ NOT_COMPARED = ("residual", "train.seed", "experiment", "logging", "parallel", "
 
 def _compared(key: str) -> bool:
     return not any(key == p or key.startswith(p + ".") for p in NOT_COMPARED)
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
 
 
 def settings(run: Run) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from mhc_train.model.config import ModelConfig
+from mhc_train.nested import flatten  # noqa: F401  (re-exported: checkpoint.py and others import it here)
 from mhc_train.parallel.pipeline import PipelineConfig
 from mhc_train.residual.config import ResidualConfig
 from mhc_train.train.errors import ConfigError
@@ -521,15 +522,6 @@ def shape_signature(model: ModelConfig, residual: ResidualConfig) -> dict[str, A
 
 def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
 
 
 register_resolvers()
