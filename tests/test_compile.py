@@ -63,6 +63,26 @@ def test_compiled_training_matches_eager_without_graph_breaks(variant):
     assert all(type(b).__name__ == "Block" for b in compiled.blocks)
 
 
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_compiled_activation_checkpointing_matches_eager(mode):
+    """train.activation_checkpoint under train.compile: full once failed to trace (a no-op
+    context_fn passed by keyword), so both modes train here to eager's losses without a break."""
+    import torch._dynamo
+
+    from mhc_train.train.activation_checkpoint import apply_activation_checkpointing
+
+    torch._dynamo.reset()
+    eager, compiled = tiny_model("hc"), tiny_model("hc")
+    apply_activation_checkpointing(list(compiled.blocks), mode)
+    apply_compile(list(compiled.blocks), True, None, backend="aot_eager")
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, 512, (2, 17), generator=gen) for _ in range(2)]
+    breaks = graph_break_count()
+    want, got = train(eager, batches), train(compiled, batches)
+    assert graph_break_count() == breaks
+    assert max(abs(a - b) for a, b in zip(want, got)) < 1e-4, (want, got)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("MHC_TEST_INDUCTOR") != "1",
                     reason="inductor's C++ compile takes 80-130 s on 2 CPU cores with a cold cache (15 s warm); "

@@ -131,6 +131,7 @@ def test_short_documented_runs_work_with_the_defaults(cache, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["train.compile=true", "residual.backend=triton"], "config error: train.compile: not with residual.backend=triton"),
     (["train.compile=true", "residual.recompute=auto"], "config error: train.compile: not with residual.recompute alone"),
+    (["train.compile=true", "residual.recompute=2"], "config error: train.compile: not with residual.recompute alone"),
     (["train.activation_checkpoint=some"], "config error: train.activation_checkpoint: must be one of none, selective, full"),
 ])
 def test_compile_and_checkpoint_options_are_checked(cache, tmp_path, capsys, overrides, message):
@@ -138,3 +139,12 @@ def test_compile_and_checkpoint_options_are_checked(cache, tmp_path, capsys, ove
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(message), err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("setting", ["off", "none", "0"])
+def test_compile_accepts_every_spelling_of_recompute_off(composer, setting):
+    """train.compile refuses residual.recompute alone by what the setting means, not its spelling."""
+    from mhc_train.train.config import validate
+
+    cfg = validate(composer("model=tiny", "train.compile=true", f"residual.recompute={setting}"))
+    assert cfg.train.compile

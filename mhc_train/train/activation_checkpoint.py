@@ -164,7 +164,10 @@ def checkpoint_block(block: nn.Module, context_fn, compiled_context_fn=noop_cont
         if not torch.is_grad_enabled():
             return forward(self, streams, rope, regions, mask)
         contexts = compiled_context_fn if torch.compiler.is_compiling() else context_fn
-        return checkpoint(forward, self, streams, rope, regions, mask, use_reentrant=False, context_fn=contexts)
+        # Dynamo traces a checkpoint only without context_fn or with a selective-checkpoint one: pass
+        # the no-op default by omission (as a keyword it fails under compile, train.compile with full).
+        extra = {} if contexts is noop_context_fn else {"context_fn": contexts}
+        return checkpoint(forward, self, streams, rope, regions, mask, use_reentrant=False, **extra)
 
     checkpointed.activation_checkpoint = True
     block.forward = types.MethodType(checkpointed, block)

@@ -57,7 +57,7 @@ def apply_compile(blocks: list[nn.Module], enabled: bool, cfg=None, backend: str
         import torch._functorch.config
 
         torch._functorch.config.donated_buffer = False
-    if cfg is not None and cfg.train.activation_checkpoint != "none":
+    if any(getattr(block.forward, "activation_checkpoint", False) for block in blocks):
         # The forward's side effects inside torch.utils.checkpoint (router loads, the balance loss)
         # happen once, in the forward, as in eager (``moe.recomputed_forward``); dynamo refuses
         # them there unless told that the backward need not replay them.

@@ -29,6 +29,7 @@ from mhc_train.model.config import ModelConfig
 from mhc_train.nested import flatten  # noqa: F401  (re-exported: checkpoint.py and others import it here)
 from mhc_train.parallel.pipeline import PipelineConfig
 from mhc_train.residual.config import ResidualConfig
+from mhc_train.residual.recompute import parse_recompute
 from mhc_train.train.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -458,7 +459,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         _check(residual.backend != "triton", "train.compile",
                "not with residual.backend=triton (dynamo cannot trace the kernels' Python wrappers); "
                "use residual.backend=auto or torch")
-        _check(residual.recompute == "off" or t.activation_checkpoint != "none", "train.compile",
+        _check(parse_recompute(residual.recompute) is None or t.activation_checkpoint != "none", "train.compile",
                "not with residual.recompute alone (its saved-tensor hooks work by storage inside the block); "
                "use train.activation_checkpoint=selective or full instead, or residual.recompute=off")
         _check(degrees.ep == 1, "train.compile",
