@@ -26,6 +26,7 @@ from torch import nn
 
 from mhc_train.model.config import ModelConfig
 from mhc_train.model.ffn import SwiGLU
+from mhc_train.model.weight_casts import cast_weight
 
 
 class _Recomputing(threading.local):
@@ -254,7 +255,8 @@ class RoutedExperts(nn.Module):
     def _grouped(x, offsets, w1, w3, w2) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):  # _grouped_mm is no autocast op: cast as F.linear would
             dtype = torch.get_autocast_dtype(x.device.type)
-            x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
+            x = x.to(dtype)
+            w1, w3, w2 = (cast_weight(w, dtype) for w in (w1, w3, w2))  # once per step (weight_casts)
         hidden = F.silu(grouped_mm(x, w1.transpose(-2, -1), offsets))
         hidden = hidden * grouped_mm(x, w3.transpose(-2, -1), offsets)
         return grouped_mm(hidden, w2.transpose(-2, -1), offsets)

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from mhc_train.data import DataError, PackedLoader, PackedTokens, ValidationLoader, check_vocab, ensure_bundled_dataset, read_meta
 from mhc_train.data.bundled import default_cache_dir
 from mhc_train.model import MHCTransformer
+from mhc_train.model.weight_casts import step_region
 from mhc_train.train import plot
 from mhc_train.train.checkpoint import (
     STATE,
@@ -175,7 +176,7 @@ class Trainer:
     def autocast(self):
         if not self.bf16:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return step_region(self.device.type, torch.bfloat16)  # autocast + the experts' weight copies
 
     def _resume_candidates(self, ckpts: CheckpointManager) -> list[Path]:
         resume = self.cfg.resume
