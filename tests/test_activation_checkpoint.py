@@ -162,7 +162,7 @@ def test_the_layouts_checkpoint_the_blocks_on_the_meta_model(composer):
         layout.prepare()
         gen = torch.Generator().manual_seed(2)
         batches = [(t[:, :-1], t[:, 1:]) for t in (torch.randint(0, 512, (2, 17), generator=gen) for _ in range(2))]
-        parts = layout.forward_backward(batches, contextlib.nullcontext, False)
+        parts = layout.forward_backward(batches, contextlib.nullcontext)
         wrapped = [getattr(b.forward, "activation_checkpoint", False) for b in model.blocks]
         return parts, {n: p.grad for n, p in model.named_parameters()}, wrapped
 

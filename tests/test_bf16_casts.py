@@ -56,7 +56,7 @@ def per_micro_batch_regions(model, batches):
 
 
 def one_region(model, batches):
-    model_steps(model, batches, bf16, False, lambda i, last: contextlib.nullcontext(), torch.device("cpu"))
+    model_steps(model, batches, bf16, lambda i, last: contextlib.nullcontext(), torch.device("cpu"))
 
 
 def setup(variant="mhc", mode="none", recompute="off"):

@@ -52,7 +52,7 @@ def test_packed_forward_equals_per_document_passes(prepared, variant):  # noqa: 
     # Training through the mask, as the layouts run a step: (inputs, targets, segment_ids) batches.
     model.train()
     ce = model(inputs, targets, segment_ids=seg).ce_loss
-    parts = model_steps(model, [(inputs, targets, seg)], contextlib.nullcontext, False,
+    parts = model_steps(model, [(inputs, targets, seg)], contextlib.nullcontext,
                         lambda i, last: contextlib.nullcontext(), torch.device("cpu"))
     assert torch.equal(parts[1], ce.detach()) and all(p.grad is not None for p in model.embed.parameters())
 

@@ -9,7 +9,7 @@ differs between engines. All three share one shape of step:
                                            cut it into pipeline stages
     optimizer over layout.optimized_module, layout.attach(optimizer)   (DeepSpeed: the engine)
     per step:
-      forward_backward(batches, autocast, inject)  -> (loss, ce, aux) of this step, equal on all ranks
+      forward_backward(batches, autocast)          -> (loss, ce, aux) of this step, equal on all ranks
       reduce_router_loads(routers)                 -> the loads every rank's bias update sees
       update(grad_clip, allowed)                   -> (grad norm before clipping, applied?)
       zero_grad()
@@ -157,13 +157,13 @@ class DataParallelLayout(Layout):
             kwargs["find_unused_parameters"] = p.find_unused_parameters
         self.wrapped = wrap_model(self.model, p.mode, self.device, **kwargs)
 
-    def forward_backward(self, batches, autocast: Callable, inject: bool):
+    def forward_backward(self, batches, autocast: Callable):
         forward = self.wrapped.forward_module
 
         def sync(i: int, last: bool):  # DDP: all-reduce once per step, in the last micro-batch's backward
             return forward.no_sync() if self.wrapped.mode == "ddp" and not last else contextlib.nullcontext()
 
-        return self.reduce_mean(model_steps(forward, batches, autocast, inject, sync, self.device))
+        return self.reduce_mean(model_steps(forward, batches, autocast, sync, self.device))
 
     def update(self, grad_clip: float | None, allowed: bool) -> tuple[float, bool]:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -175,7 +175,7 @@ class DataParallelLayout(Layout):
             return self.wrapped.forward_module(inputs, targets, segment_ids=segment_ids).ce_loss.float()
 
 
-def model_steps(forward: nn.Module, batches, autocast: Callable, inject: bool, sync: Callable,
+def model_steps(forward: nn.Module, batches, autocast: Callable, sync: Callable,
                 device: torch.device) -> torch.Tensor:
     """Forward and backward of each micro-batch through ``forward`` (the model or its DDP / FSDP
     wrapper); ``sync(i, last)`` is entered around micro-batch i and controls the gradient
@@ -195,7 +195,7 @@ def model_steps(forward: nn.Module, batches, autocast: Callable, inject: bool, s
             with sync(i, i == accum - 1):
                 out = forward(inputs, targets, *segment_ids)
                 with autocast_context([]):
-                    loss = out.loss * float("nan") if inject else out.loss
+                    loss = out.loss
                     hold_weight_casts_in_backward(loss, owner)
                     (loss / accum).backward()
                     sums += _parts(loss, out)
@@ -250,12 +250,12 @@ class DeepSpeedLayout(Layout):
                                       zero_stage=self.cfg.parallel.zero_stage, bf16=self.bf16)
         self.engine = self.wrapped.engine
 
-    def forward_backward(self, batches, autocast: Callable, inject: bool):
+    def forward_backward(self, batches, autocast: Callable):
         sums = torch.zeros(3, device=self.device)
         for i, (inputs, targets, *segment_ids) in enumerate(batches):
             with autocast():
                 out = self.engine(inputs, targets, *segment_ids)
-            loss = out.loss * float("nan") if inject else out.loss
+            loss = out.loss
             self.engine.backward(loss)  # scaled by 1 / grad_accum inside
             if i < len(batches) - 1:
                 self.engine.step()  # a micro-step: the engine counts them to find the boundary

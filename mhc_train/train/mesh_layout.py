@@ -146,14 +146,14 @@ class MeshLayout(Layout):
 
     # ------------------------------------------------------------------------------ step
 
-    def forward_backward(self, batches, autocast: Callable, inject: bool):
+    def forward_backward(self, batches, autocast: Callable):
         if self.pipe is None:
             def sync(i: int, last: bool):
                 if self.sharded:  # reduce-scatter once, after the last micro-batch
                     self.model.set_requires_gradient_sync(last)
                 return contextlib.nullcontext()
 
-            return self.reduce_mean(model_steps(self.model, batches, autocast, inject, sync, self.device))
+            return self.reduce_mean(model_steps(self.model, batches, autocast, sync, self.device))
         (inputs, targets), = batches  # the pipeline's micro-batches accumulate (validated)
         # One autocast region for the step, as in model_steps: the weight casts of the first forward
         # are reused by every micro-batch's forward and recomputation instead of one copy per
@@ -170,11 +170,6 @@ class MeshLayout(Layout):
         ce = self.pipe.last_ce_loss
         aux = self.pipe.last_aux_loss if self.pipe.last_aux_loss is not None else torch.zeros((), device=self.device)
         parts = torch.stack([loss.detach().float(), ce.detach().float(), aux.detach().float()])
-        if inject:  # the gradients must be non-finite too, as after a real non-finite loss
-            parts = parts * float("nan")
-            for q in self.local.parameters():
-                if q.grad is not None:
-                    q.grad.fill_(float("nan"))
         return self.reduce_mean(parts)
 
     def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:

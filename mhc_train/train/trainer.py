@@ -2,10 +2,10 @@
 
     forward + backward of grad_accum micro-batches   (the layout: model, DDP, FSDP, DeepSpeed
                                                       engine, or the pipeline schedule)
-    router loads (for the imbalance metric) <- summed over ranks, before the bias update clears them
+    router loads <- summed over ranks (the imbalance metric; mhc_train/train/router_balance.py)
     grad_norm, clipped to train.grad_clip                   (or just the norm when off)
-    finite loss and grad norm?  optimizer step; model.update_router_biases()
-                      else      skip the update (counted); stop after max_consecutive_skips
+    finite loss and grad norm?  optimizer step (its post-hook: the router-bias update)
+                      else      skip the update (counted), discard the loads; stop after max_consecutive_skips
     zero_grad; lr_scheduler.step(); step += 1
     then, when due: validation loss, Amax gains + H_res figures, checkpoint
 
@@ -54,9 +54,11 @@ from mhc_train.train.checkpoint import (
 )
 from mhc_train.train.config import RunConfig, fingerprint, shape_signature
 from mhc_train.train.errors import CheckpointError, CheckpointUnusable, ConfigError, Interrupted, TrainingStopped
+from mhc_train.train.fault_injection import nonfinite_step
 from mhc_train.train.layouts import make_layout
 from mhc_train.train.metrics import JsonlSink, Metrics, ProgressBar, WandbSink
 from mhc_train.train.optim import build_optimizer, implementation
+from mhc_train.train.router_balance import RouterBalance
 from mhc_train.train.schedule import build_scheduler
 
 log = logging.getLogger("mhc_train.train")
@@ -393,6 +395,7 @@ class Trainer:
                                              eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
                                              decay_embeddings=cfg.optim.decay_embeddings)
             self.layout.attach(self.optimizer)
+            self.balance = RouterBalance(self.model, self.layout, self.optimizer)
             o = cfg.optim
             self.scheduler = build_scheduler(self.optimizer, total_steps=t.steps, warmup_steps=o.warmup_steps,
                                              schedule=o.schedule, decay_at=o.decay_at, decay_factors=o.decay_factors)
@@ -514,22 +517,18 @@ class Trainer:
         t0 = time.perf_counter()
         batches = [tuple(x.to(self.device, non_blocking=True) for x in next(self.train_loader))
                    for _ in range(t.grad_accum)]
-        inject = (self.step + 1) in t.inject_nonfinite_at
-        loss_v, ce_v, aux_v = (float(x) for x in layout.forward_backward(batches, self.autocast, inject))
-        routers = [m.router for m in model.moe_layers()]
-        loads = layout.reduce_router_loads(routers)  # before the metric and the bias update
-        imbalance = [float(load.max() / load.mean()) for load in loads if float(load.sum()) > 0]
+        with nonfinite_step((self.step + 1) in t.inject_nonfinite_at):
+            loss_v, ce_v, aux_v = (float(x) for x in layout.forward_backward(batches, self.autocast))
+        balance = self.balance.loads()  # summed over the ranks, before the update uses them
         lr = self.optimizer.param_groups[0]["lr"]
-        grad_v, applied = layout.update(t.grad_clip, allowed=math.isfinite(loss_v))
+        grad_v, applied = layout.update(t.grad_clip, allowed=math.isfinite(loss_v))  # its hook: router biases
         skip_reason = None
-        if not applied:
-            skip_reason = "non-finite loss" if not math.isfinite(loss_v) else "non-finite grad norm"
         if applied:
-            model.update_router_biases()  # loads already summed over the ranks above
+            self.balance.check_updated()
             self.consecutive_skips = 0
         else:
-            for r in routers:  # the loads of a skipped step must not move the biases
-                r.expert_load.zero_()
+            skip_reason = "non-finite loss" if not math.isfinite(loss_v) else "non-finite grad norm"
+            self.balance.discard()
             self.skips_total += 1
             self.consecutive_skips += 1
             log.warning("step %d: %s, update skipped (%d in a row, %d in total)", self.step + 1, skip_reason,
@@ -551,9 +550,7 @@ class Trainer:
             "tokens_per_s": tokens / dt, "step_time_s": dt, "skipped": skip_reason is not None,
             "skip_reason": skip_reason, "skips_total": self.skips_total,
         }
-        if imbalance:
-            record["load_imbalance"] = sum(imbalance) / len(imbalance)
-            record["load_imbalance_max"] = max(imbalance)
+        record.update(balance)
         if self.peak:
             record["mfu"] = self.flops_per_token * tokens / dt / (self.peak * self.world_size)
         return record

@@ -102,7 +102,7 @@ def train(overrides, mode, recompute, bf16, data):
         batch = [(tokens[r::d, :-1], tokens[r::d, 1:])]
         counter = WeightCasts(layout.optimized_module.named_parameters())
         with counter if step == 0 else contextlib.nullcontext():
-            parts = layout.forward_backward(batch, autocast, False)
+            parts = layout.forward_backward(batch, autocast)
         if step == 0:
             out["casts"] = counter.counts
             out["grads"] = {n: local(p.grad).clone() for n, p in layout.optimized_module.named_parameters()
@@ -154,7 +154,7 @@ def dualpipev_casts() -> list[str]:
         stage.forward = types.MethodType(counted, stage)
     tokens = torch.randint(0, 512, (8, 17), generator=torch.Generator().manual_seed(0))
     with counter:
-        layout.forward_backward([(tokens[:, :-1], tokens[:, 1:])], BF16, False)
+        layout.forward_backward([(tokens[:, :-1], tokens[:, 1:])], BF16)
     many = {k: v for k, v in counter.counts.items() if v != 1}
     return [f"weight casts per step {many}"] if many or not counter.counts else []
 

@@ -64,7 +64,7 @@ def train(variant: str, recompute: str, concurrency: str, data):
     routers = [m.router for m in model.moe_layers()]
     out = {"losses": [], "grads": None, "biases": []}
     for step, (inputs, targets) in enumerate(batches):
-        parts = layout.forward_backward([(inputs, targets)], contextlib.nullcontext, False)
+        parts = layout.forward_backward([(inputs, targets)], contextlib.nullcontext)
         out["losses"].append(parts.clone())
         if step == 0:
             out["grads"] = {n: local(p.grad).clone() for n, p in layout.optimized_module.named_parameters()
