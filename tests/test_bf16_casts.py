@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mhc_train.bench.memory_report import allocated_during
 from mhc_train.model import MHCTransformer, load_model_config
+from mhc_train.model.moe import RoutedExperts
 from mhc_train.model.weight_casts import step_region
 from mhc_train.residual import ResidualConfig
 from mhc_train.train.activation_checkpoint import apply_activation_checkpointing
@@ -135,13 +136,19 @@ def test_gradients_are_those_of_one_region_per_micro_batch():
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
-def test_the_step_peak_does_not_grow():
-    """The copies now live for the whole step instead of one micro-batch's graph; the peak (at a
-    backward's start, when a micro-batch's graph holds them anyway) does not grow."""
+def test_the_step_peak_grows_by_at_most_the_copies_it_keeps():
+    """The copies now live for the whole step instead of one micro-batch's graph. A micro-batch's
+    graph holds them anyway while it runs, but the first backward frees each layer's copies as it
+    goes while it allocates the fp32 gradients: at its end the step's peak may exceed the old one,
+    by no more than the bf16 copies kept (measured: 2.5 % of the tiny model's step with bf16
+    streams, none with fp32 ones, whose activations set the peak)."""
     model, batches = setup()
     allocated_during(lambda: per_micro_batch_regions(model, batches))  # warm-up: state made once per process
+    # bf16 bytes of the weights a step casts: the linear layers' and the experts' stacked ones
+    copies = sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    copies += sum(2 * w.numel() for m in model.modules() if isinstance(m, RoutedExperts) for w in (m.w1, m.w3, m.w2))
     peaks = []
     for step in (per_micro_batch_regions, one_region):
         model.zero_grad(set_to_none=True)
         peaks.append(allocated_during(lambda: step(model, batches))[1])
-    assert peaks[1] <= peaks[0] * 1.02, peaks
+    assert peaks[1] <= peaks[0] + copies, (peaks, copies)

@@ -40,6 +40,7 @@ from mhc_train.residual import (
     build_connection,
     composite_gains,
     expand_streams,
+    stream_dtype,
 )
 from mhc_train.residual.gains import GainReport
 from mhc_train.residual.recompute import PlainRegions, RecomputePlan, optimal_block_size, parse_recompute
@@ -180,8 +181,10 @@ class MHCTransformer(nn.Module):
         return rope_angles(seq_len, self.cfg.qk_rope_head_dim, self.cfg.rope_theta, device=device)
 
     def embed_streams(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, S] -> streams [B, S, n, C] (the first pipeline stage's job)."""
-        return expand_streams(self.embed(tokens), self.n_streams)
+        """tokens [B, S] -> streams [B, S, n, C] (the first pipeline stage's job), in
+        ``residual.stream_dtype`` (the embedding is no autocast op: its fp32 output is cast here)."""
+        h = self.embed(tokens)
+        return expand_streams(h.to(stream_dtype(self.rcfg.stream_dtype, h)), self.n_streams)
 
     def head_logits(self, streams: torch.Tensor) -> torch.Tensor:
         """streams [B, S, n, C] -> logits [B, S, V] (the last pipeline stage's job)."""

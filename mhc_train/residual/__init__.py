@@ -17,7 +17,7 @@ from mhc_train.residual.ops import (
     mhc_pre_mappings,
     sinkhorn_knopp,
 )
-from mhc_train.residual.streams import StreamContraction, expand_streams
+from mhc_train.residual.streams import StreamContraction, activation_dtype, expand_streams, stream_dtype
 
 
 def build_connection(cfg: ResidualConfig, dim: int, layer_index: int, norm_eps: float = 1e-6) -> ResidualConnection:
@@ -42,7 +42,9 @@ __all__ = [
     "apply_pre",
     "build_connection",
     "composite_gains",
+    "activation_dtype",
     "expand_streams",
+    "stream_dtype",
     "mhc_mappings",
     "mhc_pre_mappings",
     "sinkhorn_knopp",

@@ -68,4 +68,4 @@ class BaselineResidual(ResidualConnection):
         return streams[..., 0, :], None
 
     def write(self, streams: torch.Tensor, y: torch.Tensor, mix: None) -> torch.Tensor:
-        return streams + y.unsqueeze(-2)
+        return (streams + y.unsqueeze(-2)).to(streams.dtype)  # the streams keep their dtype

@@ -14,6 +14,9 @@ CONTRACTIONS = ("sum", "mean", "learned")
 FIXED_MAPPINGS = ("pre", "post", "res")
 
 
+STREAM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass
 class ResidualConfig:
     variant: str = "mhc"
@@ -52,6 +55,10 @@ class ResidualConfig:
     # Recompute the residual-stream ops in backward over blocks of sublayers (paper Table 3):
     # off, auto (Eq 20's L_r* = round(sqrt(nL/(n+2))), L = sublayers) or a block size L_r.
     recompute: str = "off"
+    # dtype of the residual streams between sublayers: auto (the autocast dtype when autocast is
+    # on, so bf16 in a bf16 run, as in the paper; else the embedding's) | float32 | bfloat16.
+    # The same in every parallel layout; the mappings run in fp32 whatever it is.
+    stream_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,6 +83,8 @@ class ResidualConfig:
             bad("rms_eps", f"must be >= 0, got {self.rms_eps}")
         if self.backend not in ("torch", "triton", "auto"):
             bad("backend", f"must be torch, triton or auto, got {self.backend!r}")
+        if self.stream_dtype not in STREAM_DTYPES:
+            bad("stream_dtype", f"must be one of {', '.join(STREAM_DTYPES)}, got {self.stream_dtype!r}")
         try:
             parse_recompute(self.recompute)
         except ValueError as exc:

@@ -34,7 +34,7 @@ from mhc_train.autocast_state import autocast_context, autocast_state
 from mhc_train.parallel.data_parallel import shard_model
 from mhc_train.parallel.grad_norm import clip_grads_, global_grad_norm
 from mhc_train.parallel.mesh import build_mesh
-from mhc_train.residual import composite_gains
+from mhc_train.residual import activation_dtype, composite_gains
 from mhc_train.train.block_wrappers import wrap_blocks
 from mhc_train.train.config import mesh_degrees, reshard_after_forward
 from mhc_train.train.layouts import Layout, hold_weight_casts, hold_weight_casts_in_backward, model_steps
@@ -125,7 +125,9 @@ class MeshLayout(Layout):
             self.pipe = build_pipeline_from_config(
                 self.model, p.pipeline, self.mesh.pp_rank, d.pp, batch_size=t.batch_size, seq_len=t.seq_len,
                 group=self.mesh.group("pp"), device=self.device,
-                logits_dtype=torch.bfloat16 if self.bf16 else None)  # streams stay fp32
+                activation_dtype=activation_dtype(self.cfg.residual.stream_dtype, self.bf16,
+                                                  next(self.model.parameters()).dtype),
+                logits_dtype=torch.bfloat16 if self.bf16 else None)
             roots = self.pipe.modules
             self.local = RankStages(roots)
             for root in roots:

@@ -182,8 +182,8 @@ def build_pipeline(
     no metadata-inference forward runs (it would push garbage through the routers and count it
     into their load statistics). ``activation_dtype`` is the dtype of the streams at the stage
     boundaries, ``logits_dtype`` that of the last stage's logits (default: the model's parameter
-    dtype for both; under bf16 autocast the streams stay fp32 - embedding and residual sums are
-    not autocast - while the head's logits are bf16). ``overlap`` registers the DualPipe-style F&B handler
+    dtype for both; the trainer passes ``residual.stream_dtype`` resolved, bf16 in a bf16 run, and
+    bf16 logits). ``overlap`` registers the DualPipe-style F&B handler
     (dualpipev only; see ``mhc_train.parallel.pipeline.overlap``).
     """
     schedule, spr = validate_pipeline(schedule_name, world_size, len(model.blocks), n_microbatches,
