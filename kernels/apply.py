@@ -1,8 +1,9 @@
 """Applying the mHC mappings in Triton: H_pre x and H_res x + H_post^T y, forward and backward.
 
-References (the specification): ``mhc_train.residual.torch_ops.ApplyPre`` and
-``mhc_train.residual.torch_ops.ApplyPostRes``, dispatched by ``mhc_train.residual.ops.apply_pre``
-and ``mhc_train.residual.ops.apply_post_res``.
+References (the specification): ``apply_pre_forward`` / ``_backward`` and
+``apply_post_res_forward`` / ``_backward`` of ``mhc_train.residual.torch_ops``, the same-named
+functions here being the Triton implementation of ``torch.ops.mhc.apply_pre`` and
+``torch.ops.mhc.apply_post_res`` (called by ``mhc_train.residual.ops``).
 
 All maths in fp32 (inputs upcast right after ``tl.load``), outputs in x's dtype; coefficient
 gradients in the coefficients' dtype. Per token, in elements:
@@ -157,7 +158,7 @@ def _blocks(n: int, c: int, t: int) -> tuple[int, int, int]:
     return npad, block_t, block_c
 
 
-def apply_pre_forward(x3, h2):
+def launch_apply_pre_fwd(x3, h2):
     t, n, c = x3.shape
     u = torch.empty(t, c, device=x3.device, dtype=x3.dtype)
     if t > 0:
@@ -167,7 +168,7 @@ def apply_pre_forward(x3, h2):
     return u
 
 
-def apply_pre_backward(x3, h2, g2, need_x: bool, need_h: bool):
+def launch_apply_pre_bwd(x3, h2, g2, need_x: bool, need_h: bool):
     """(grad_x in x's dtype or None, grad_h in fp32 or None)."""
     t, n, c = x3.shape
     gx = torch.empty_like(x3) if need_x else None
@@ -180,24 +181,7 @@ def apply_pre_backward(x3, h2, g2, need_x: bool, need_h: bool):
     return gx, gh
 
 
-class ApplyPre(torch.autograd.Function):
-    """u [T, C] = sum_i h [T, n] x [T, n, C]; contiguous operands."""
-
-    @staticmethod
-    def forward(ctx, x3, h2):
-        ctx.save_for_backward(x3, h2)
-        return apply_pre_forward(x3, h2)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        x3, h2 = ctx.saved_tensors
-        need_x, need_h = ctx.needs_input_grad
-        gx, gh = apply_pre_backward(x3, h2, g.contiguous(), need_x, need_h)
-        return gx, gh.to(h2.dtype) if gh is not None else None
-
-
-def apply_post_res_forward(x3, y2, hp, hr):
+def launch_apply_post_res_fwd(x3, y2, hp, hr):
     t, n, c = x3.shape
     out = torch.empty_like(x3)
     if t > 0:
@@ -207,60 +191,56 @@ def apply_post_res_forward(x3, y2, hp, hr):
     return out
 
 
-class ApplyPostRes(torch.autograd.Function):
-    """out [T, n, C] = h_res [T, n, n] x [T, n, C] + h_post [T, n]^T y [T, C]; contiguous operands."""
-
-    @staticmethod
-    def forward(ctx, x3, y2, hp, hr):
-        ctx.save_for_backward(x3, y2, hp, hr)
-        return apply_post_res_forward(x3, y2, hp, hr)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        x3, y2, hp, hr = ctx.saved_tensors
-        t, n, c = x3.shape
-        need = ctx.needs_input_grad
-        gx = torch.empty_like(x3) if need[0] else None
-        gy = torch.empty_like(y2) if need[1] else None
-        ghp = torch.empty(t, n, device=x3.device, dtype=torch.float32) if need[2] else None
-        ghr = torch.empty(t, n, n, device=x3.device, dtype=torch.float32) if need[3] else None
-        if t > 0 and any(need):
-            npad, bt, bc = _blocks(n, c, t)
-            g = g.contiguous()
-            _apply_post_res_bwd_kernel[(triton.cdiv(t, bt),)](
-                x3, y2, hp, hr, g, gx if need[0] else g, gy if need[1] else g,
-                ghp if need[2] else g, ghr if need[3] else g, t, c,
-                N=n, NP=npad, BLOCK_T=bt, BLOCK_C=bc,
-                NEED_X=need[0], NEED_Y=need[1], NEED_HP=need[2], NEED_HR=need[3])
-        return (gx, gy, ghp.to(hp.dtype) if ghp is not None else None,
-                ghr.to(hr.dtype) if ghr is not None else None)
+def launch_apply_post_res_bwd(x3, y2, hp, hr, g, need):
+    """(grad_x, grad_y in their inputs' dtypes, grad_h_post, grad_h_res in fp32), None where
+    ``need`` says no."""
+    t, n, c = x3.shape
+    gx = torch.empty_like(x3) if need[0] else None
+    gy = torch.empty_like(y2) if need[1] else None
+    ghp = torch.empty(t, n, device=x3.device, dtype=torch.float32) if need[2] else None
+    ghr = torch.empty(t, n, n, device=x3.device, dtype=torch.float32) if need[3] else None
+    if t > 0 and any(need):
+        npad, bt, bc = _blocks(n, c, t)
+        g = g.contiguous()
+        _apply_post_res_bwd_kernel[(triton.cdiv(t, bt),)](
+            x3, y2, hp, hr, g, gx if need[0] else g, gy if need[1] else g,
+            ghp if need[2] else g, ghr if need[3] else g, t, c,
+            N=n, NP=npad, BLOCK_T=bt, BLOCK_C=bc,
+            NEED_X=need[0], NEED_Y=need[1], NEED_HP=need[2], NEED_HR=need[3])
+    return gx, gy, ghp, ghr
 
 
 # --------------------------------------------------------------------------------------------
-# Public entries
+# The ops' contracts (``<op>_forward`` / ``<op>_backward``, as in ``residual.torch_ops``): checked
+# inputs of any leading shape, made contiguous [T, ...] for the launches
 # --------------------------------------------------------------------------------------------
 
 
-def apply_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
-    """Triton ``apply_pre``: same contract as ``mhc_train.residual.ops.apply_pre``."""
+def _pre_operands(x, h_pre):
     n, c = check_streams("x", x)
     check_tensor("h_pre", h_pre)
     lead = tuple(x.shape[:-2])
     check_shape("h_pre", h_pre, (*lead, n), "[..., n]")
     check_devices(_apply_pre_fwd_kernel, x=x, h_pre=h_pre)
     t = num_tokens(lead)
-    x3 = x.reshape(t, n, c).contiguous()
-    h2 = h_pre.reshape(t, n).contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or h_pre.requires_grad):
-        u = ApplyPre.apply(x3, h2)
-    else:
-        u = apply_pre_forward(x3, h2)
-    return u.reshape(*lead, c)
+    return lead, x.reshape(t, n, c).contiguous(), h_pre.reshape(t, n).contiguous()
 
 
-def apply_post_res(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
-    """Triton ``apply_post_res``: same contract as ``mhc_train.residual.ops.apply_post_res``."""
+def apply_pre_forward(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """u [..., C] = sum_i h_pre[..., i] x[..., i, :], in x's dtype."""
+    lead, x3, h2 = _pre_operands(x, h_pre)
+    return launch_apply_pre_fwd(x3, h2).reshape(*lead, x.shape[-1])
+
+
+def apply_pre_backward(x, h_pre, grad, needs):
+    """(grad_x, grad_h_pre) in their inputs' dtypes, None where ``needs`` says no."""
+    lead, x3, h2 = _pre_operands(x, h_pre)
+    gx, gh = launch_apply_pre_bwd(x3, h2, grad.reshape(x3.shape[0], x3.shape[-1]).contiguous(), needs[0], needs[1])
+    return (gx.reshape(x.shape) if gx is not None else None,
+            gh.reshape(h_pre.shape).to(h_pre.dtype) if gh is not None else None)
+
+
+def _post_res_operands(x, y, h_post, h_res):
     n, c = check_streams("x", x)
     for name, t in (("y", y), ("h_post", h_post), ("h_res", h_res)):
         check_tensor(name, t)
@@ -270,10 +250,63 @@ def apply_post_res(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res
     check_shape("h_res", h_res, (*lead, n, n), "[..., n, n]")
     check_devices(_apply_post_res_fwd_kernel, x=x, y=y, h_post=h_post, h_res=h_res)
     t = num_tokens(lead)
-    args = (x.reshape(t, n, c).contiguous(), y.reshape(t, c).contiguous(),
+    return (x.reshape(t, n, c).contiguous(), y.reshape(t, c).contiguous(),
             h_post.reshape(t, n).contiguous(), h_res.reshape(t, n, n).contiguous())
+
+
+def apply_post_res_forward(x, y, h_post, h_res) -> torch.Tensor:
+    """h_res @ x + h_post^T y, [..., n, C] in x's dtype."""
+    return launch_apply_post_res_fwd(*_post_res_operands(x, y, h_post, h_res)).reshape(x.shape)
+
+
+def apply_post_res_backward(x, y, h_post, h_res, grad, needs):
+    """(grad_x, grad_y, grad_h_post, grad_h_res) in their inputs' dtypes, None where ``needs``
+    says no."""
+    operands = _post_res_operands(x, y, h_post, h_res)
+    grads = launch_apply_post_res_bwd(*operands, grad.reshape(operands[0].shape), needs)
+    return tuple(g.reshape(t.shape).to(t.dtype) if g is not None else None
+                 for g, t in zip(grads, (x, y, h_post, h_res)))
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd of the kernels alone (``mhc_kernels.apply_pre`` / ``apply_post_res``; the model's
+# ops use ``torch.ops.mhc.*``, whose autograd runs the same functions)
+# --------------------------------------------------------------------------------------------
+
+
+class ApplyPre(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h_pre):
+        ctx.save_for_backward(x, h_pre)
+        return apply_pre_forward(x, h_pre)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        return apply_pre_backward(*ctx.saved_tensors, g, ctx.needs_input_grad)
+
+
+class ApplyPostRes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, h_post, h_res):
+        ctx.save_for_backward(x, y, h_post, h_res)
+        return apply_post_res_forward(x, y, h_post, h_res)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        return apply_post_res_backward(*ctx.saved_tensors, g, ctx.needs_input_grad)
+
+
+def apply_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """Triton ``apply_pre``: same contract as ``mhc_train.residual.ops.apply_pre``."""
+    if torch.is_grad_enabled() and (x.requires_grad or h_pre.requires_grad):
+        return ApplyPre.apply(x, h_pre)
+    return apply_pre_forward(x, h_pre)
+
+
+def apply_post_res(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
+    """Triton ``apply_post_res``: same contract as ``mhc_train.residual.ops.apply_post_res``."""
     if torch.is_grad_enabled() and any(a.requires_grad for a in (x, y, h_post, h_res)):
-        out = ApplyPostRes.apply(*args)
-    else:
-        out = apply_post_res_forward(*args)
-    return out.reshape(x.shape)
+        return ApplyPostRes.apply(x, y, h_post, h_res)
+    return apply_post_res_forward(x, y, h_post, h_res)

@@ -1,10 +1,12 @@
 """Mappings and H_pre x in one kernel (beyond the paper's kernel plan): forward and backward.
 
-References (the specification): ``mhc_train.residual.ops.mhc_mappings`` followed by
-``mhc_train.residual.ops.apply_pre`` (torch backend), i.e. ``torch_ops.MappingLogits``,
-``sinkhorn.sinkhorn_knopp_torch`` and ``torch_ops.ApplyPre``.
+References (the specification): ``mhc_train.residual.torch_ops.mhc_pre_mappings_forward`` /
+``_backward`` (the same maths as ``mhc_mappings`` followed by ``apply_pre``);
+``mhc_pre_mappings_forward`` / ``_backward`` here are the Triton implementation of
+``torch.ops.mhc.mhc_pre_mappings``.
 
-``fused_pre_mappings(x, phi, alpha, bias, t_max, eps) -> (u, h_pre, h_post, h_res)``.
+``fused_pre_mappings(x, phi, alpha, bias, t_max, eps) -> (u, h_pre, h_post, h_res)``: the same
+with the kernels' own autograd.
 
 Forward: ``mappings._mhc_fwd_kernel`` with ``COMPUTE_U``. A program owns 16 tokens: pass 1 scans
 their x rows (BLOCK_K at a time) for x.phi and the sum of squares, then the coefficients and
@@ -30,20 +32,44 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import num_tokens
-from .apply import apply_pre_backward
-from .mappings import check_mapping_inputs, mappings_backward, mappings_forward, needs_grad
+from .apply import launch_apply_pre_bwd
+from .mappings import launch_mappings_bwd, launch_mappings_fwd, mapping_grads, mapping_operands, needs_grad
+
+
+def mhc_pre_mappings_forward(x, phi, alpha, bias, t_max, eps):
+    """(u [..., C] in x's dtype, h_pre, h_post, h_res, proj, inv_r): the contract of
+    ``torch_ops.mhc_pre_mappings_forward``; equals ``apply_pre(x, h_pre)`` with the mappings."""
+    n, c, t_max, eps, *operands = mapping_operands(x, phi, alpha, bias, t_max, eps)
+    lead = x.shape[:-2]
+    h_pre, h_post, h_res, proj, inv_r, u = launch_mappings_fwd(*operands, n, c, t_max, eps, True, u_dtype=x.dtype)
+    return (u.reshape(*lead, c), h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n),
+            proj, inv_r.view(-1, 1))
+
+
+def mhc_pre_mappings_backward(x, phi, alpha, bias, proj, inv_r, h_pre, h_post, g_u, g_pre, g_post, g_res, t_max,
+                              needs):
+    """(grad_x, grad_phi, grad_alpha, grad_bias), None where ``needs`` says no; ``g_*`` None:
+    that output got no gradient."""
+    n, c, t_max, _, x2, *params = mapping_operands(x, phi, alpha, bias, t_max, 0.0)
+    t = x2.shape[0]
+    h_pre = h_pre.reshape(t, n).contiguous()
+    if g_u is not None:
+        g_u = g_u.reshape(t, c).contiguous()
+        _, gh = launch_apply_pre_bwd(x2, h_pre, g_u, need_x=False, need_h=True)
+        g_pre = gh if g_pre is None else g_pre.reshape(t, n).float() + gh
+    grads = launch_mappings_bwd(x2, *params, proj, inv_r.reshape(-1), n, c, t_max, g_pre, g_post, g_res,
+                                need_x=needs[0], need_phi=needs[1], h_pre=h_pre, g_u=g_u)
+    return mapping_grads(x, phi, alpha, bias, grads, needs)
 
 
 class FusedPreMappings(torch.autograd.Function):
-    """(x [T, n, C], phi, alpha, bias) -> (u [T, C], h_pre, h_post, h_res)."""
+    """Autograd of the kernels alone (``mhc_kernels.fused_pre_mappings``):
+    (x, phi, alpha, bias) -> (u, h_pre, h_post, h_res)."""
 
     @staticmethod
-    def forward(ctx, x2, phi, alpha, bias, t_max, eps):
-        n, c = x2.shape[-2:]
-        h_pre, h_post, h_res, proj, inv_r, u = mappings_forward(
-            x2, phi, alpha, bias, n, c, t_max, eps, True, u_dtype=x2.dtype)
-        ctx.save_for_backward(x2, phi, alpha, bias, proj, inv_r, h_pre)
+    def forward(ctx, x, phi, alpha, bias, t_max, eps):
+        u, h_pre, h_post, h_res, proj, inv_r = mhc_pre_mappings_forward(x, phi, alpha, bias, t_max, eps)
+        ctx.save_for_backward(x, phi, alpha, bias, proj, inv_r, h_pre)
         ctx.t_max = t_max
         ctx.set_materialize_grads(False)
         return u, h_pre, h_post, h_res
@@ -51,25 +77,10 @@ class FusedPreMappings(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_u, g_pre, g_post, g_res):
-        x2, phi, alpha, bias, proj, inv_r, h_pre = ctx.saved_tensors
-        n, c = x2.shape[-2:]
-        need = ctx.needs_input_grad
-        if g_u is not None:
-            g_u = g_u.contiguous()
-            _, gh = apply_pre_backward(x2, h_pre, g_u, need_x=False, need_h=True)
-            g_pre = gh if g_pre is None else g_pre.float() + gh
-        grad_x, grad_phi, grad_alpha, grad_bias = mappings_backward(
-            x2, phi, alpha, bias, proj, inv_r, n, c, ctx.t_max, g_pre, g_post, g_res,
-            need_x=need[0], need_phi=need[1], h_pre=h_pre, g_u=g_u,
-        )
-        return (
-            grad_x,
-            grad_phi.to(phi.dtype) if grad_phi is not None else None,
-            grad_alpha.to(alpha.dtype) if need[2] else None,
-            grad_bias.to(bias.dtype) if need[3] else None,
-            None,
-            None,
-        )
+        x, phi, alpha, bias, proj, inv_r, h_pre = ctx.saved_tensors
+        grads = mhc_pre_mappings_backward(x, phi, alpha, bias, proj, inv_r, h_pre, None, g_u, g_pre, g_post, g_res,
+                                          ctx.t_max, ctx.needs_input_grad[:4])
+        return (*grads, None, None)
 
 
 def fused_pre_mappings(x, phi, alpha, bias, t_max, eps=0.0):
@@ -77,12 +88,6 @@ def fused_pre_mappings(x, phi, alpha, bias, t_max, eps=0.0):
 
     Equals ``apply_pre(x, h_pre)`` with ``(h_pre, h_post, h_res) = mhc_mappings(...)``.
     """
-    n, c, t_max, eps = check_mapping_inputs(x, phi, alpha, bias, t_max, eps)
-    lead = x.shape[:-2]
-    x2 = x.reshape(num_tokens(lead), n, c).contiguous()
-    args = (x2, phi.contiguous(), alpha.contiguous(), bias.contiguous(), t_max, eps)
     if needs_grad(x, phi, alpha, bias):
-        u, h_pre, h_post, h_res = FusedPreMappings.apply(*args)
-    else:
-        h_pre, h_post, h_res, _, _, u = mappings_forward(*args[:4], n, c, t_max, eps, False, u_dtype=x.dtype)
-    return u.reshape(*lead, c), h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
+        return FusedPreMappings.apply(x, phi, alpha, bias, t_max, eps)
+    return mhc_pre_mappings_forward(x, phi, alpha, bias, t_max, eps)[:4]

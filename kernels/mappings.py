@@ -1,8 +1,8 @@
 """The mHC mappings in Triton (paper Eq 14-19): forward and backward kernels.
 
-Reference (the specification): ``mhc_train.residual.ops.mhc_mappings`` (torch backend), whose
-logits are ``mhc_train.residual.torch_ops.MappingLogits`` followed by sigmoid, 2 sigmoid and
-``mhc_train.residual.sinkhorn.sinkhorn_knopp_torch``.
+Reference (the specification): ``mhc_train.residual.torch_ops.mhc_mappings_forward`` /
+``_backward``; ``mhc_mappings_forward`` / ``_backward`` here are the Triton implementation of
+``torch.ops.mhc.mhc_mappings``.
 
 Layout: x ``[T, n, C]`` read as ``[T, K]`` with K = nC stream-major; phi ``[K, W]`` with
 W = n^2 + 2n columns pre (n) | post (n) | res (n^2, row-major); alpha ``[3]``; bias ``[W]``.
@@ -263,7 +263,7 @@ def _block_k(wp: int) -> int:
     return 64 if wp <= 32 else 32
 
 
-def mappings_forward(x2, phi, alpha, bias, n, c, t_max, eps, store_proj, u_dtype=None):
+def launch_mappings_fwd(x2, phi, alpha, bias, n, c, t_max, eps, store_proj, u_dtype=None):
     """Raw forward on contiguous x2 [T, n, C]: (h_pre, h_post, h_res, proj, inv_r, u).
 
     proj / inv_r are None unless ``store_proj``; u is None unless ``u_dtype`` is given.
@@ -298,7 +298,7 @@ def _token_splits(t: int, k_blocks: int, target_programs: int = 512) -> int:
     return max(1, min(t_blocks, triton.cdiv(target_programs, k_blocks)))
 
 
-def mappings_backward(x2, phi, alpha, bias, proj, inv_r, n, c, t_max, g_pre, g_post, g_res,
+def launch_mappings_bwd(x2, phi, alpha, bias, proj, inv_r, n, c, t_max, g_pre, g_post, g_res,
                       need_x, need_phi, h_pre=None, g_u=None):
     """Raw backward: (grad_x [T, n, C] or None, grad_phi, grad_alpha, grad_bias) in fp32.
 
@@ -376,18 +376,49 @@ def check_mapping_inputs(x, phi, alpha, bias, t_max, eps):
     return n, c, t_max, eps
 
 
-class MHCMappings(torch.autograd.Function):
-    """(x [T, n, C], phi, alpha, bias) -> (h_pre [T, n], h_post [T, n], h_res [T, n, n]) fp32.
+def mapping_operands(x, phi, alpha, bias, t_max, eps):
+    """Checked inputs as the launches take them: (n, C, t_max, eps, x2 [T, n, C], phi, alpha,
+    bias), all contiguous."""
+    n, c, t_max, eps = check_mapping_inputs(x, phi, alpha, bias, t_max, eps)
+    x2 = x.reshape(num_tokens(x.shape[:-2]), n, c).contiguous()
+    return n, c, t_max, eps, x2, phi.contiguous(), alpha.contiguous(), bias.contiguous()
 
-    Saves x, phi, alpha, bias and W + 1 fp32 values per token (proj, 1/r); the backward
-    recomputes the logits and the Sinkhorn iterations from them.
-    """
+
+def mapping_grads(x, phi, alpha, bias, grads, needs):
+    """The launch's fp32 (grad_x, grad_phi, grad_alpha, grad_bias) as the ops return them: in
+    their inputs' shapes and dtypes, None where ``needs`` says no."""
+    return tuple(g.reshape(t.shape).to(t.dtype) if need else None
+                 for g, t, need in zip(grads, (x, phi, alpha, bias), needs))
+
+
+def mhc_mappings_forward(x, phi, alpha, bias, t_max, eps):
+    """(h_pre, h_post, h_res, proj, inv_r): the contract of ``torch_ops.mhc_mappings_forward``.
+    proj [T, W] and 1/r [T, 1] are what the backward recomputes the coefficients from."""
+    n, c, t_max, eps, *operands = mapping_operands(x, phi, alpha, bias, t_max, eps)
+    lead = x.shape[:-2]
+    h_pre, h_post, h_res, proj, inv_r, _ = launch_mappings_fwd(*operands, n, c, t_max, eps, True)
+    return h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n), proj, inv_r.view(-1, 1)
+
+
+def mhc_mappings_backward(x, phi, alpha, bias, proj, inv_r, h_pre, h_post, g_pre, g_post, g_res, t_max, needs):
+    """(grad_x, grad_phi, grad_alpha, grad_bias), None where ``needs`` says no; ``g_*`` None:
+    that output got no gradient. (h_pre, h_post: unused here, in the contract for the torch
+    reference, which back-propagates through them.)"""
+    n, c, t_max, _, *operands = mapping_operands(x, phi, alpha, bias, t_max, 0.0)
+    grads = launch_mappings_bwd(*operands, proj, inv_r.reshape(-1), n, c, t_max, g_pre, g_post, g_res,
+                                need_x=needs[0], need_phi=needs[1])
+    return mapping_grads(x, phi, alpha, bias, grads, needs)
+
+
+class MHCMappings(torch.autograd.Function):
+    """Autograd of the kernels alone (``mhc_kernels.mhc_mappings``): (x, phi, alpha, bias) ->
+    (h_pre, h_post, h_res) fp32. Saves x, phi, alpha, bias and W + 1 fp32 values per token
+    (proj, 1/r); the backward recomputes the logits and the Sinkhorn iterations from them."""
 
     @staticmethod
-    def forward(ctx, x2, phi, alpha, bias, t_max, eps):
-        n, c = x2.shape[-2:]
-        h_pre, h_post, h_res, proj, inv_r, _ = mappings_forward(x2, phi, alpha, bias, n, c, t_max, eps, True)
-        ctx.save_for_backward(x2, phi, alpha, bias, proj, inv_r)
+    def forward(ctx, x, phi, alpha, bias, t_max, eps):
+        h_pre, h_post, h_res, proj, inv_r = mhc_mappings_forward(x, phi, alpha, bias, t_max, eps)
+        ctx.save_for_backward(x, phi, alpha, bias, proj, inv_r)
         ctx.t_max = t_max
         ctx.set_materialize_grads(False)
         return h_pre, h_post, h_res
@@ -395,21 +426,10 @@ class MHCMappings(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_pre, g_post, g_res):
-        x2, phi, alpha, bias, proj, inv_r = ctx.saved_tensors
-        n, c = x2.shape[-2:]
-        need = ctx.needs_input_grad
-        grad_x, grad_phi, grad_alpha, grad_bias = mappings_backward(
-            x2, phi, alpha, bias, proj, inv_r, n, c, ctx.t_max, g_pre, g_post, g_res,
-            need_x=need[0], need_phi=need[1],
-        )
-        return (
-            grad_x,
-            grad_phi.to(phi.dtype) if grad_phi is not None else None,
-            grad_alpha.to(alpha.dtype) if need[2] else None,
-            grad_bias.to(bias.dtype) if need[3] else None,
-            None,
-            None,
-        )
+        x, phi, alpha, bias, proj, inv_r = ctx.saved_tensors
+        grads = mhc_mappings_backward(x, phi, alpha, bias, proj, inv_r, None, None, g_pre, g_post, g_res,
+                                      ctx.t_max, ctx.needs_input_grad[:4])
+        return (*grads, None, None)
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -418,12 +438,6 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
 
 def mhc_mappings(x, phi, alpha, bias, t_max, eps=0.0):
     """Triton ``mhc_mappings``: same contract as ``mhc_train.residual.ops.mhc_mappings``."""
-    n, c, t_max, eps = check_mapping_inputs(x, phi, alpha, bias, t_max, eps)
-    lead = x.shape[:-2]
-    x2 = x.reshape(num_tokens(lead), n, c).contiguous()
-    args = (x2, phi.contiguous(), alpha.contiguous(), bias.contiguous(), t_max, eps)
     if needs_grad(x, phi, alpha, bias):
-        h_pre, h_post, h_res = MHCMappings.apply(*args)
-    else:
-        h_pre, h_post, h_res = mappings_forward(*args[:4], n, c, t_max, eps, False)[:3]
-    return h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
+        return MHCMappings.apply(x, phi, alpha, bias, t_max, eps)
+    return mhc_mappings_forward(x, phi, alpha, bias, t_max, eps)[:3]

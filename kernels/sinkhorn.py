@@ -123,7 +123,7 @@ def _launch(kernel, t: int, n: int, *args) -> None:
     kernel[(triton.cdiv(t, block_t),)](*args, N=n, NP=next_pow2(n), BLOCK_T=block_t)
 
 
-def sinkhorn_forward(logits: torch.Tensor, t_max: int) -> torch.Tensor:
+def launch_sinkhorn_fwd(logits: torch.Tensor, t_max: int) -> torch.Tensor:
     """Raw kernel call: contiguous [T, n, n] logits -> fp32 [T, n, n]."""
     t, n = logits.shape[0], logits.shape[-1]
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
@@ -131,7 +131,7 @@ def sinkhorn_forward(logits: torch.Tensor, t_max: int) -> torch.Tensor:
     return out
 
 
-def sinkhorn_backward(logits: torch.Tensor, grad_out: torch.Tensor, t_max: int) -> torch.Tensor:
+def launch_sinkhorn_bwd(logits: torch.Tensor, grad_out: torch.Tensor, t_max: int) -> torch.Tensor:
     """Raw kernel call: gradient wrt contiguous [T, n, n] logits, in the logits' dtype."""
     t, n = logits.shape[0], logits.shape[-1]
     grad = torch.empty_like(logits)
@@ -139,24 +139,8 @@ def sinkhorn_backward(logits: torch.Tensor, grad_out: torch.Tensor, t_max: int) 
     return grad
 
 
-class SinkhornKnopp(torch.autograd.Function):
-    """Autograd op: logits [T, n, n] (contiguous) -> fp32 [T, n, n]; saves only the logits."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, t_max: int) -> torch.Tensor:
-        ctx.save_for_backward(logits)
-        ctx.t_max = t_max
-        return sinkhorn_forward(logits, t_max)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        (logits,) = ctx.saved_tensors
-        return sinkhorn_backward(logits, grad_out, ctx.t_max), None
-
-
-def sinkhorn_knopp(logits: torch.Tensor, t_max: int) -> torch.Tensor:
-    """``[..., n, n]`` logits (fp32/bf16/fp16) -> doubly stochastic ``[..., n, n]`` fp32."""
+def _flat_logits(logits: torch.Tensor, t_max) -> tuple[torch.Tensor, int]:
+    """Checked ``[..., n, n]`` logits as a contiguous [T, n, n], and t_max."""
     check_tensor("logits", logits)
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"logits must have shape [..., n, n], got {tuple(logits.shape)}")
@@ -165,9 +149,39 @@ def sinkhorn_knopp(logits: torch.Tensor, t_max: int) -> torch.Tensor:
         raise ValueError(f"the Triton kernels support 1 <= n <= {MAX_STREAMS}, got n = {n}")
     t_max = check_t_max(t_max)
     check_devices(_sinkhorn_fwd_kernel, logits=logits)
-    flat = logits.reshape(num_tokens(logits.shape[:-2]), n, n).contiguous()
+    return logits.reshape(num_tokens(logits.shape[:-2]), n, n).contiguous(), t_max
+
+
+def sinkhorn_knopp_forward(logits: torch.Tensor, t_max: int) -> torch.Tensor:
+    """``[..., n, n]`` logits (fp32/bf16/fp16) -> doubly stochastic ``[..., n, n]`` fp32."""
+    flat, t_max = _flat_logits(logits, t_max)
+    return launch_sinkhorn_fwd(flat, t_max).reshape(logits.shape)
+
+
+def sinkhorn_knopp_backward(logits: torch.Tensor, grad: torch.Tensor, t_max: int) -> torch.Tensor:
+    """d loss / d logits, ``[..., n, n]`` in the logits' dtype."""
+    flat, t_max = _flat_logits(logits, t_max)
+    return launch_sinkhorn_bwd(flat, grad.reshape(flat.shape), t_max).reshape(logits.shape)
+
+
+class SinkhornKnopp(torch.autograd.Function):
+    """Autograd of the kernels alone (``mhc_kernels.sinkhorn_knopp``); saves only the logits."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, t_max: int) -> torch.Tensor:
+        ctx.save_for_backward(logits)
+        ctx.t_max = t_max
+        return sinkhorn_knopp_forward(logits, t_max)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        (logits,) = ctx.saved_tensors
+        return sinkhorn_knopp_backward(logits, grad_out, ctx.t_max), None
+
+
+def sinkhorn_knopp(logits: torch.Tensor, t_max: int) -> torch.Tensor:
+    """``[..., n, n]`` logits (fp32/bf16/fp16) -> doubly stochastic ``[..., n, n]`` fp32."""
     if torch.is_grad_enabled() and logits.requires_grad:
-        out = SinkhornKnopp.apply(flat, t_max)
-    else:
-        out = sinkhorn_forward(flat, t_max)
-    return out.reshape(logits.shape)
+        return SinkhornKnopp.apply(logits, t_max)
+    return sinkhorn_knopp_forward(logits, t_max)

@@ -88,8 +88,9 @@ def test_compiled_activation_checkpointing_matches_eager(mode):
                     reason="inductor's C++ compile takes 80-130 s on 2 CPU cores with a cold cache (15 s warm); "
                            "MHC_TEST_INDUCTOR=1 runs it")
 def test_inductor_training_matches_eager():
-    """One run through inductor itself (C++ kernels on CPU), on mHC: the custom Functions'
-    in-place write and the opaque grouped GEMM must survive its lowering, not only tracing."""
+    """One run through inductor itself (C++ kernels on CPU), on mHC: the connections' custom ops
+    (``torch.ops.mhc``, opaque, with list outputs and optional gradients in their backward ops)
+    and the opaque grouped GEMM must survive its lowering, not only tracing."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -102,8 +103,8 @@ def test_inductor_training_matches_eager():
 
 
 def test_compiled_evaluation_and_gain_recording_match_eager():
-    """Without grad the connections' Functions are traced inline (no autograd node): ApplyPost's
-    in-place write must not mark its input dirty there; the gain recording accumulates tensors."""
+    """Without grad the connections' custom ops run without their autograd (no node); the gain
+    recording accumulates tensors."""
     import torch._dynamo
 
     torch._dynamo.reset()

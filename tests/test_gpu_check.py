@@ -202,7 +202,7 @@ def test_a_kernel_that_fails_is_a_result_and_the_other_kernels_still_run(monkeyp
     def broken(*args):
         raise RuntimeError("PTX compilation failed")
 
-    monkeypatch.setattr(mhc_kernels, "apply_pre", broken)
+    monkeypatch.setattr(mhc_kernels, "apply_pre_forward", broken)  # what torch.ops.mhc.apply_pre runs
     records = gpu_kernels.compare_kernels(4, 4, 8, 2, torch.bfloat16, torch.device("cpu"), with_sinkhorn=False)
     failed = [r for r in records if not r["passed"]]
     assert failed == [{"op": "apply_pre", "C": 8, "tensor": "-", "rel_error": failed[0]["rel_error"],
@@ -221,7 +221,7 @@ def test_a_failing_op_leaves_a_row_with_its_error_in_the_bandwidth_table(tmp_pat
     def broken(x, h):
         raise RuntimeError("no")
 
-    monkeypatch.setattr(mhc_kernels, "apply_pre", broken)
+    monkeypatch.setattr(mhc_kernels, "apply_pre_forward", broken)  # what torch.ops.mhc.apply_pre runs
     check = tiny_check(tmp_path, widths=(8,), bandwidth_ops=("apply_pre",), most_repeats=2, least_repeats=2)
     result = gpu_op_speed.run_bandwidth(check)
     torch_row, triton_row = result["rows"]

@@ -418,15 +418,15 @@ def test_self_test_passes_the_kernels_and_catches_a_wrong_one(monkeypatch):
     from mhc_train.residual import backend
 
     assert backend.self_test(torch.device(DEVICE)) is None  # every kernel, forward and backward
-    wrong = mhc_kernels.apply_pre
-    monkeypatch.setattr(mhc_kernels, "apply_pre", lambda x, h: wrong(x, h) * 1.01)
+    wrong = mhc_kernels.apply_pre_forward  # what torch.ops.mhc.apply_pre runs with backend="triton"
+    monkeypatch.setattr(mhc_kernels, "apply_pre_forward", lambda x, h: wrong(x, h) * 1.01)
     reason = backend.self_test(torch.device(DEVICE))
     assert reason.startswith("kernel apply_pre disagrees with the reference"), reason
 
     def broken(*args):
         raise RuntimeError("PTX compilation failed\nmore lines")
 
-    monkeypatch.setattr(mhc_kernels, "apply_pre", broken)
+    monkeypatch.setattr(mhc_kernels, "apply_pre_forward", broken)
     assert backend.self_test(torch.device(DEVICE)) == "kernel apply_pre failed: RuntimeError: PTX compilation failed"
 
 

@@ -129,7 +129,6 @@ def test_short_documented_runs_work_with_the_defaults(cache, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.compile=true", "residual.backend=triton"], "config error: train.compile: not with residual.backend=triton"),
     (["train.compile=true", "residual.recompute=auto"], "config error: train.compile: not with residual.recompute alone"),
     (["train.compile=true", "residual.recompute=2"], "config error: train.compile: not with residual.recompute alone"),
     (["train.activation_checkpoint=some"], "config error: train.activation_checkpoint: must be one of none, selective, full"),

@@ -1,5 +1,8 @@
 """Which implementation of the mHC ops runs: the torch reference or the Triton kernels.
 
+Both sit behind the same ``torch.ops.mhc.*`` custom ops (``custom_ops``); ``ops`` resolves the
+requested backend here and passes the result to the op, which runs ``implementation(backend)``.
+
     torch    the reference (``torch_ops``, ``sinkhorn``): every device
     triton   the fused kernels (``mhc_kernels``): CUDA, or CPU through Triton's interpreter
     auto     (the default) Triton on CUDA, torch elsewhere - once the kernels have passed a
@@ -7,7 +10,9 @@
              forward and backward, and compares them with the reference. A kernel that does not
              compile or does not agree makes ``auto`` warn once and run the reference on that
              device, rather than fail (or train on wrong numbers) hours into a job. Inside
-             ``torch.compile`` (``train.compile``) auto is torch: the compiler fuses the reference.
+             ``torch.compile`` (``train.compile``) auto is what it chose on the device before
+             tracing (the trainer resolves it eagerly first; the self-test cannot run while
+             dynamo traces), else torch: the kernels are opaque custom ops in the graph.
 
 ``TRITON_INTERPRET=1`` makes Triton run kernels in its Python interpreter, ~1000x slower: right
 for CPU tests, never for a GPU run. It is refused for CUDA tensors (``triton``: an error;
@@ -44,9 +49,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
     if backend == "auto":
-        # Under torch.compile (train.compile) the reference: the compiler fuses it, and dynamo
-        # cannot trace the kernels' Python wrappers (nor run the self-test while tracing).
-        return "torch" if torch.compiler.is_compiling() else _auto(device)
+        # Under torch.compile (train.compile) what auto chose on this device before tracing (the
+        # trainer settles it eagerly: the self-test cannot run while dynamo traces), else the
+        # reference; either way the ops are opaque custom ops in the graph.
+        if torch.compiler.is_compiling():
+            return _auto_choice.get(str(device), "torch")
+        return _auto(device)
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend='triton' requested but the mHC Triton kernels are not available")
@@ -75,13 +83,19 @@ def _auto(device: torch.device) -> str:
     return _auto_choice[key]
 
 
-def dispatch(name: str, backend: str, device: torch.device):
-    """The kernel implementing op ``name`` when Triton runs, else None (the caller's reference)."""
-    if resolve_backend(backend, device) == "triton":
+def implementation(backend: str):
+    """The module implementing the ops for a resolved backend, with ``<op>_forward`` and
+    ``<op>_backward`` for each op both implement (``custom_ops`` runs them): ``torch_ops``, the
+    reference, or ``mhc_kernels``. Looked up at every call, so a test can swap a kernel."""
+    if backend == "torch":
+        from mhc_train.residual import torch_ops
+
+        return torch_ops
+    if backend == "triton":
         import mhc_kernels
 
-        return getattr(mhc_kernels, name)
-    return None
+        return mhc_kernels
+    raise ValueError(f"an op runs on a resolved backend, 'torch' or 'triton', got {backend!r}")
 
 
 def self_test(device: torch.device) -> str | None:
@@ -134,4 +148,4 @@ def _forward_backward(run, backend: str, inputs) -> list[torch.Tensor]:
     return [o.detach().float() for o in outs] + [t.grad.detach().float().clone() for t in inputs]
 
 
-__all__ = ["BACKENDS", "dispatch", "resolve_backend", "self_test", "triton_available"]
+__all__ = ["BACKENDS", "implementation", "resolve_backend", "self_test", "triton_available"]

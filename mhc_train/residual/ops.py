@@ -7,23 +7,18 @@ row sums are the forward gain and column sums the backward gain.
 Every op takes ``backend``: ``"torch"`` (the reference), ``"triton"`` and ``"auto"``
 (triton on CUDA, torch elsewhere). The mapping maths always runs in fp32, whatever the
 activation dtype: bf16 mappings made Sinkhorn's row-sum error 300x worse elsewhere.
+
+Each function checks its inputs, resolves the backend and calls its ``torch.ops.mhc`` custom op
+(``custom_ops``), which runs that backend's implementation; under ``torch.compile`` the checks
+are traced and the op is one opaque node, whichever backend it runs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mhc_train.residual.backend import BACKENDS, dispatch, resolve_backend  # noqa: F401  (re-exported)
-from mhc_train.residual.sinkhorn import sinkhorn_knopp_torch
-from mhc_train.residual.torch_ops import (
-    ApplyPost,
-    ApplyPostRes,
-    ApplyPre,
-    MappingLogits,
-    PreMappings,
-    ReadResMix,
-    at_least_fp32,
-)
+from mhc_train.residual import custom_ops  # noqa: F401  (defines torch.ops.mhc.*)
+from mhc_train.residual.backend import BACKENDS, resolve_backend  # noqa: F401  (re-exported)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -50,10 +45,7 @@ def sinkhorn_knopp(logits: torch.Tensor, t_max: int, backend: str = "torch") -> 
     _check(logits.dim() >= 2 and logits.shape[-1] == logits.shape[-2],
            f"logits must have shape [..., n, n], got {tuple(logits.shape)}")
     _check(int(t_max) >= 1, f"t_max must be >= 1, got {t_max}")
-    kernel = dispatch("sinkhorn_knopp", backend, logits.device)
-    if kernel is not None:
-        return kernel(logits, int(t_max))
-    return sinkhorn_knopp_torch(at_least_fp32(logits), int(t_max))
+    return torch.ops.mhc.sinkhorn_knopp(logits, int(t_max), resolve_backend(backend, logits.device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,11 +70,6 @@ def _check_mapping_inputs(x, phi, alpha, bias) -> tuple[int, int]:
     return n, c
 
 
-def _gate(alpha: torch.Tensor, n: int) -> torch.Tensor:
-    """alpha (pre, post, res) spread over the pre (n) | post (n) | res (n*n) columns."""
-    return torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
-
-
 def mhc_mappings(
     x: torch.Tensor,
     phi: torch.Tensor,
@@ -101,19 +88,9 @@ def mhc_mappings(
     Returns h_pre = sigmoid ``[..., n]``, h_post = 2 sigmoid ``[..., n]``,
     h_res = Sinkhorn-Knopp(H~_res) ``[..., n, n]``.
     """
-    n, c = _check_mapping_inputs(x, phi, alpha, bias)
-    width = mapping_width(n)
-    kernel = dispatch("mhc_mappings", backend, x.device)
-    if kernel is not None:
-        return kernel(x, phi, alpha, bias, int(t_max), eps)
-
-    lead = x.shape[:-2]
-    gate = _gate(alpha, n)
-    # Eq 14-16: x phi, 1/r (RMS over nC, after the matmul), alpha gates, bias.
-    logits = MappingLogits.apply(x.reshape(-1, n * c), phi, gate, bias, float(eps)).reshape(*lead, width)
-    h_pre = torch.sigmoid(logits[..., :n])  # Eq 17
-    h_post = 2.0 * torch.sigmoid(logits[..., n : 2 * n])  # Eq 18
-    h_res = sinkhorn_knopp_torch(logits[..., 2 * n :].unflatten(-1, (n, n)), int(t_max))  # Eq 19
+    _check_mapping_inputs(x, phi, alpha, bias)
+    h_pre, h_post, h_res, _, _ = torch.ops.mhc.mhc_mappings(x, phi, alpha, bias, int(t_max), float(eps),
+                                                            resolve_backend(backend, x.device))
     return h_pre, h_post, h_res
 
 
@@ -130,15 +107,14 @@ def mhc_pre_mappings(
 
     The Triton backend does it in one fused kernel that reads x once for the mappings and once
     more (from cache) for H_pre x; the torch backend runs it as one autograd node with a
-    hand-written backward (``torch_ops.PreMappings``).
+    hand-written backward (``torch_ops.mhc_pre_mappings_backward``).
     """
-    kernel = dispatch("fused_pre_mappings", backend, x.device)
-    if kernel is not None:
-        _check_mapping_inputs(x, phi, alpha, bias)
-        return kernel(x, phi, alpha, bias, int(t_max), eps)
-    n, _ = _check_mapping_inputs(x, phi, alpha, bias)
-    _check(int(t_max) >= 1, f"t_max must be >= 1, got {t_max}")
-    return PreMappings.apply(x, phi, _gate(alpha, n), bias, int(t_max), float(eps))
+    _check_mapping_inputs(x, phi, alpha, bias)
+    backend = resolve_backend(backend, x.device)
+    if backend == "torch":  # the kernels' own check says the same
+        _check(int(t_max) >= 1, f"t_max must be >= 1, got {t_max}")
+    u, h_pre, h_post, h_res, _, _ = torch.ops.mhc.mhc_pre_mappings(x, phi, alpha, bias, int(t_max), float(eps), backend)
+    return u, h_pre, h_post, h_res
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,10 +136,7 @@ def apply_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "torch") -> t
     n, _ = _check_streams(x)
     _check(tuple(h_pre.shape) == (*x.shape[:-2], n),
            f"h_pre must have shape {(*x.shape[:-2], n)} ([..., n]), got {tuple(h_pre.shape)}")
-    kernel = dispatch("apply_pre", backend, x.device)
-    if kernel is not None:
-        return kernel(x, h_pre)
-    return ApplyPre.apply(x, h_pre)
+    return torch.ops.mhc.apply_pre(x, h_pre, resolve_backend(backend, x.device))
 
 
 def apply_post_res(
@@ -185,14 +158,11 @@ def apply_post_res(
            f"h_post must have shape {(*lead, n)} ([..., n]), got {tuple(h_post.shape)}")
     _check(tuple(h_res.shape) == (*lead, n, n),
            f"h_res must have shape {(*lead, n, n)} ([..., n, n]), got {tuple(h_res.shape)}")
-    kernel = dispatch("apply_post_res", backend, x.device)
-    if kernel is not None:
-        return kernel(x, y, h_post, h_res)
-    return ApplyPostRes.apply(x, y, h_post, h_res)
+    return torch.ops.mhc.apply_post_res(x, y, h_post, h_res, resolve_backend(backend, x.device))
 
 
 # --------------------------------------------------------------------------------------------
-# The torch backend's split of a connection (no kernel implements these)
+# The torch backend's split of a connection (no kernel implements these: no backend argument)
 # --------------------------------------------------------------------------------------------
 
 
@@ -211,22 +181,21 @@ def mhc_read_res_mix(
     streams' gradient then comes out of the read's one autograd node, written into one buffer,
     instead of two stream-sized gradients that autograd adds (docs/benchmarks.md, step time).
     """
-    n, _ = _check_mapping_inputs(x, phi, alpha, bias)
+    _check_mapping_inputs(x, phi, alpha, bias)
     _check(int(t_max) >= 1, f"t_max must be >= 1, got {t_max}")
-    return ReadResMix.apply(x, phi, _gate(alpha, n), bias, int(t_max), float(eps))
+    u, h_pre, h_post, h_res, res_x, _, _ = torch.ops.mhc.mhc_read_res_mix(x, phi, alpha, bias, int(t_max), float(eps))
+    return u, h_pre, h_post, h_res, res_x
 
 
 def apply_post(res_x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``res_x + h_post^T y`` in ``out_dtype``: the write after ``mhc_read_res_mix``.
-
-    For an fp32 ``out_dtype`` the result is written into ``res_x`` (the read made it for this).
-    """
+    """``res_x + h_post^T y`` in ``out_dtype``, stored stream-major: the write after
+    ``mhc_read_res_mix`` (a new tensor; res_x is left as it is)."""
     n, c = _check_streams(res_x)
     lead = tuple(res_x.shape[:-2])
     _check(tuple(y.shape) == (*lead, c), f"y must have shape {(*lead, c)} ([..., C]), got {tuple(y.shape)}")
     _check(tuple(h_post.shape) == (*lead, n),
            f"h_post must have shape {(*lead, n)} ([..., n]), got {tuple(h_post.shape)}")
-    return ApplyPost.apply(res_x, y, h_post, out_dtype)
+    return torch.ops.mhc.apply_post(res_x, y, h_post, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ eager. How, and why:
 - ``fullgraph=True``: a graph break inside a block is an error at the first step, never a silent
   slow path. The connections and the MoE trace whole (tests/test_compile.py counts the breaks):
   no host syncs, the experts' grouped GEMM behind an opaque op in fp32 (``moe.grouped_mm``),
-  ``residual.backend=auto`` runs the torch reference while compiling (the compiler fuses it).
+  the connection ops as opaque custom ops (``torch.ops.mhc.*``, forward and backward, with the
+  torch reference or the Triton kernels inside: ``residual/custom_ops.py``). ``settle_backend``
+  runs ``residual.backend=auto``'s self-test eagerly before the first trace, so a compiled block
+  calls the Triton kernels where auto would (CUDA), the reference elsewhere.
 - ``isolate_recompiles=True``: every block runs the same code (``Module._call_impl`` inlining
   ``Block.forward``) and dynamo keeps its compiled entries per code object. The blocks differ in
   constants it specialises on (the block index, a dense or MoE FFN), so they would share one
@@ -26,8 +29,7 @@ Compiling is lazy: here the wrapper is only set, so the blocks may still be on t
 (``wrap_blocks`` runs before materialisation); the first forward of each kind compiles (on 2 CPU
 cores: 40 s to a few minutes for the tiny model's three blocks, docs/benchmarks.md).
 
-What does not compile is refused when the config is validated (``train.compile``): the mHC
-Triton kernels (``residual.backend=triton``: dynamo cannot trace their Python wrappers),
+What does not compile is refused when the config is validated (``train.compile``):
 ``residual.recompute`` without activation checkpointing (saved-tensor hooks keyed by storage
 inside the block), expert parallelism (the all-to-all's split sizes are read on the host).
 """
@@ -67,6 +69,14 @@ def apply_compile(blocks: list[nn.Module], enabled: bool, cfg=None, backend: str
     for block in blocks:
         block.compile(backend=backend, fullgraph=True, dynamic=False,
                       recompile_limit=RECOMPILE_LIMIT, isolate_recompiles=True)
+
+
+def settle_backend(cfg, device) -> str:
+    """Resolve ``residual.backend`` on ``device`` now, eagerly (``auto``: its self-test on CUDA),
+    so the compiled blocks find the choice made (``residual.backend``)."""
+    from mhc_train.residual.backend import resolve_backend
+
+    return resolve_backend(cfg.residual.backend, device)
 
 
 def splits_backward(cfg) -> bool:

@@ -456,9 +456,6 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check(not (model.loss_chunk_tokens and degrees.pp > 1), "model.loss_chunk_tokens",
            "not supported with pipeline stages (pp > 1): the last stage returns logits, and the loss is taken from them")
     if t.compile:  # what dynamo cannot trace (mhc_train/train/compile.py)
-        _check(residual.backend != "triton", "train.compile",
-               "not with residual.backend=triton (dynamo cannot trace the kernels' Python wrappers); "
-               "use residual.backend=auto or torch")
         _check(parse_recompute(residual.recompute) is None or t.activation_checkpoint != "none", "train.compile",
                "not with residual.recompute alone (its saved-tensor hooks work by storage inside the block); "
                "use train.activation_checkpoint=selective or full instead, or residual.recompute=off")

@@ -52,6 +52,7 @@ from mhc_train.train.checkpoint import (
     set_rng_state,
     verify,
 )
+from mhc_train.train.compile import settle_backend
 from mhc_train.train.config import RunConfig, fingerprint, shape_signature
 from mhc_train.train.errors import CheckpointError, CheckpointUnusable, ConfigError, Interrupted, TrainingStopped
 from mhc_train.train.fault_injection import nonfinite_step
@@ -391,6 +392,8 @@ class Trainer:
                 self.model = MHCTransformer(cfg.model, cfg.residual)
             self.layout = make_layout(self.model, self.device, cfg, self.bf16)
             self.layout.prepare()  # before the optimizer: FSDP replaces the parameters, a pipeline cuts stages
+            if t.compile:
+                settle_backend(cfg, self.device)  # auto's self-test runs eagerly, not inside a trace
             self.optimizer = build_optimizer(self.layout.optimized_module, lr=cfg.lr, betas=cfg.optim.betas,
                                              eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
                                              decay_embeddings=cfg.optim.decay_embeddings)

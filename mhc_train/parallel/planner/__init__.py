@@ -69,7 +69,7 @@ plus the embedding and head. Per token, C = dim, n = streams, W = n^2 + 2n, in b
 
 The MoE terms are those of the grouped-GEMM path (``torch._grouped_mm``: CPU, and bf16 on sm90 /
 sm100); the per-expert loop casts each expert's rows twice under autocast (+2kC). The mHC terms
-are the torch backend's (``ReadResMix`` / ``ApplyPost``). On CPU (tiny and small, baseline / HC /
+are the torch backend's (``mhc_read_res_mix`` / ``apply_post``). On CPU (tiny and small, baseline / HC /
 mHC n = 4, recompute off / auto, fp32 and bf16 autocast, math and flash attention) the formula
 equals the measurement to the byte; on a GPU the fused-attention branch is the one that was
 checked through the CPU's flash kernel (v_head_dim = qk dims), not measured on CUDA.
