@@ -147,3 +147,22 @@ def test_compile_accepts_every_spelling_of_recompute_off(composer, setting):
 
     cfg = validate(composer("model=tiny", "train.compile=true", f"residual.recompute={setting}"))
     assert cfg.train.compile
+
+
+def test_matmul_precision_is_checked_and_applied_on_cuda_only(composer):
+    """train.matmul_precision: TF32 for the fp32 matmuls (the mHC projection) on CUDA; a CPU run's
+    numerics never change with it."""
+    from mhc_train.train.config import ConfigError, validate
+    from mhc_train.train.trainer import apply_matmul_precision
+
+    with pytest.raises(ConfigError, match="train.matmul_precision: must be high"):
+        validate(composer("model=tiny", "train.matmul_precision=medium"))
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        apply_matmul_precision("high", torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == "highest"
+        apply_matmul_precision("high", torch.device("cuda"))  # a device object needs no GPU
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(saved)

@@ -140,6 +140,9 @@ class LoopConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16, else fp32) | fp32 | bf16
     # torch.use_deterministic_algorithms (warn-only); null = on for CPU, off for CUDA (speed)
     deterministic: Optional[bool] = None
+    # fp32 matmuls on CUDA (the mHC projection x phi, in fp32 by design): high = TF32 tensor cores
+    # with fp32 accumulation, as the paper runs it; highest = IEEE fp32. CPU runs are left alone.
+    matmul_precision: str = "high"
     threads: Optional[int] = None  # torch.set_num_threads; null = torch's default
     grad_clip: Optional[float] = 1.0  # max global grad norm; null or 0 = no clipping
     eval_every: int = 50  # steps between validation losses (and at the end); 0 = never
@@ -399,6 +402,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check(t.stop_at is None or 1 <= t.stop_at <= t.steps, "train.stop_at",
            f"must be between 1 and train.steps={t.steps} or null, got {t.stop_at}")
     _check(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", f"must be > 0 or null, got {t.peak_flops}")
+    _check(t.matmul_precision in ("highest", "high"), "train.matmul_precision",
+           f"must be high (TF32 on CUDA) or highest (IEEE fp32), got {t.matmul_precision!r}")
     bad = [s for s in t.inject_nonfinite_at if not _int(s) or s < 1]
     _check(not bad, "train.inject_nonfinite_at", f"steps count from 1, got {bad}")
 

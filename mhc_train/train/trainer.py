@@ -107,6 +107,13 @@ def deterministic(t, device: torch.device) -> bool:
     return t.deterministic if t.deterministic is not None else device.type != "cuda"
 
 
+def apply_matmul_precision(setting: str, device: torch.device) -> None:
+    """train.matmul_precision on CUDA (TF32 for fp32 matmuls, cuBLAS and Triton's tl.dot alike);
+    on a CPU nothing changes, so CPU runs keep their bitwise reproducibility."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision(setting)
+
+
 def flops_per_token(cfg: RunConfig, model: torch.nn.Module) -> float:
     """Training FLOPs per token (forward + backward)."""
     try:
@@ -353,6 +360,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         saved_threads = torch.get_num_threads()
         saved_det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        saved_precision = torch.get_float32_matmul_precision()
         previous_handlers: dict = {}
         status, exit_code = "failed", 1
         try:
@@ -360,6 +368,7 @@ class Trainer:
                 torch.set_num_threads(t.threads)
             self.device = self._device()
             self.bf16 = self._use_bf16(self.device)
+            apply_matmul_precision(t.matmul_precision, self.device)
             if deterministic(t, self.device):
                 if self.device.type == "cuda":
                     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -460,6 +469,7 @@ class Trainer:
             self.metrics.close(exit_code)
             torch.set_num_threads(saved_threads)
             torch.use_deterministic_algorithms(saved_det[0], warn_only=saved_det[1])
+            torch.set_float32_matmul_precision(saved_precision)
 
     def _agree_on_stop_signal(self) -> None:
         """Several ranks: a signal seen by any rank stops all of them after the same step (the
