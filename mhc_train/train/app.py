@@ -24,6 +24,7 @@ interrupted (after a checkpoint).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -371,8 +372,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         GlobalHydra.instance().clear()
         run_lock.release_all()
     failed = [c for c in _job_codes if c]
-    if failed:
-        sys.exit(failed[0] if len(set(failed)) == 1 else max(failed))
+    code = (failed[0] if len(set(failed)) == 1 else max(failed)) if failed else 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_worker(code)
+    if code:
+        sys.exit(code)
+
+
+def _exit_worker(code: int) -> None:
+    """End a torchrun worker without the interpreter's shutdown. Everything is written and the
+    process group destroyed by now; under CPU contention a worker was seen to hang for good in
+    that shutdown (a futex wait after its last step, with gloo's threads still being torn down),
+    which left torchrun waiting on it. Flush what Python would flush, then leave."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
