@@ -11,6 +11,8 @@ fp64 checks (gradcheck) belong to ``backend="torch"``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -23,8 +25,27 @@ def next_pow2(v: int) -> int:
 
 
 def is_interpreted(kernel) -> bool:
-    """Whether ``kernel`` was defined under ``TRITON_INTERPRET=1`` (it then runs on host memory)."""
+    """Whether ``kernel`` was defined under ``TRITON_INTERPRET=1`` (it then runs on host memory).
+    An autotuned kernel is looked at through its ``Autotuner`` wrapper."""
+    while type(kernel).__name__ in ("Autotuner", "Heuristics"):
+        kernel = kernel.fn
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+def interpreting() -> bool:
+    """``TRITON_INTERPRET`` is set (read when the kernels are defined, as Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def warp_configs(key_free: dict | None = None) -> list:
+    """Autotune configs of the memory-bound kernels whose block sizes the launcher picks: 4 or 8
+    warps (Hopper: a [BLOCK_T, NP, BLOCK_C] tile of 2048 fp32 is 8-16 registers a thread at 4-8
+    warps, leaving room to overlap loads). Under TRITON_INTERPRET=1 a single config: the
+    interpreter cannot run a multi-config autotune (it benchmarks with the GPU timer), and one
+    config skips the benchmark. Untuned on hardware: no GPU was available when these were chosen."""
+    if interpreting():
+        return [triton.Config(dict(key_free or {}), num_warps=4)]
+    return [triton.Config(dict(key_free or {}), num_warps=w) for w in (4, 8)]
 
 
 def dot_precision() -> str:

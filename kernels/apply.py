@@ -26,11 +26,12 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._common import check_devices, check_shape, check_streams, check_tensor, next_pow2, num_tokens
+from ._common import check_devices, check_shape, check_streams, check_tensor, next_pow2, num_tokens, warp_configs
 
 TILE_ELEMENTS = 2048  # fp32 elements of a program's [BLOCK_T, NP, BLOCK_C] tile
 
 
+@triton.autotune(configs=warp_configs(), key=["C", "N", "BLOCK_T", "BLOCK_C"])
 @triton.jit
 def _apply_pre_fwd_kernel(x_ptr, h_ptr, u_ptr, T, C,
                           N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -48,6 +49,7 @@ def _apply_pre_fwd_kernel(x_ptr, h_ptr, u_ptr, T, C,
     tl.store(u_ptr + rows64[:, None] * C + cs[None, :], u.to(u_ptr.dtype.element_ty), mask=tok[:, None] & c_ok[None, :])
 
 
+@triton.autotune(configs=warp_configs(), key=["C", "N", "BLOCK_T", "BLOCK_C"])
 @triton.jit
 def _apply_pre_bwd_kernel(x_ptr, h_ptr, g_ptr, gx_ptr, gh_ptr, T, C,
                           N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -75,6 +77,7 @@ def _apply_pre_bwd_kernel(x_ptr, h_ptr, g_ptr, gx_ptr, gh_ptr, T, C,
         tl.store(gh_ptr + rows64[:, None] * N + idx[None, :], acc_h.to(gh_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.autotune(configs=warp_configs(), key=["C", "N", "BLOCK_T", "BLOCK_C"])
 @triton.jit
 def _apply_post_res_fwd_kernel(x_ptr, y_ptr, hp_ptr, hr_ptr, out_ptr, T, C,
                                N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -98,6 +101,7 @@ def _apply_post_res_fwd_kernel(x_ptr, y_ptr, hp_ptr, hr_ptr, out_ptr, T, C,
              out.to(out_ptr.dtype.element_ty), mask=ok[:, :, None] & c_ok[None, None, :])
 
 
+@triton.autotune(configs=warp_configs(), key=["C", "N", "BLOCK_T", "BLOCK_C"])
 @triton.jit
 def _apply_post_res_bwd_kernel(x_ptr, y_ptr, hp_ptr, hr_ptr, g_ptr, gx_ptr, gy_ptr, ghp_ptr, ghr_ptr, T, C,
                                N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,

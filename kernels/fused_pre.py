@@ -21,10 +21,14 @@ close to an H100's 50 MB L2, so at that size part of pass 2 may come from HBM ag
 C + 2n + n^2 (+ W + 1 saved for the backward). The unfused path reads x twice from HBM
 (mappings, then apply_pre) in two launches.
 
-Backward: reuses the other kernels. ``apply._apply_pre_bwd_kernel`` (grad_h only) adds
-sum_c x g_u to g_pre; ``mappings._mhc_coef_bwd_kernel`` back-propagates the coefficients;
+Backward: two kernels, two passes over x. ``mappings._mhc_coef_bwd_kernel`` (with HAS_U) first
+sums x . g_u over C into H_pre's gradient (pass 1: nC + C), then back-propagates the coefficients
+(sigmoid, 2 sigmoid, Sinkhorn on chip) to g_proj and the RMS coefficient; then
 ``mappings._mhc_proj_bwd_kernel`` writes grad_x = g_proj phi^T + coef x + h_pre (x) g_u in the
-same pass as grad_phi. x is read twice (nC each), grad_x written once.
+same pass as grad_phi (pass 2: nC + C, writes nC), its phi slice in registers. x is read twice
+because H_pre's gradient (a reduction over all of a token's nC) feeds every element of grad_x and
+grad_phi, and a token block's nC cannot stay on chip (see the forward). Counted bytes:
+``mhc-train-bench-ops --bytes``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .apply import launch_apply_pre_bwd
 from .mappings import launch_mappings_bwd, launch_mappings_fwd, mapping_grads, mapping_operands, needs_grad
 
 
@@ -55,8 +58,6 @@ def mhc_pre_mappings_backward(x, phi, alpha, bias, proj, inv_r, h_pre, h_post, g
     h_pre = h_pre.reshape(t, n).contiguous()
     if g_u is not None:
         g_u = g_u.reshape(t, c).contiguous()
-        _, gh = launch_apply_pre_bwd(x2, h_pre, g_u, need_x=False, need_h=True)
-        g_pre = gh if g_pre is None else g_pre.reshape(t, n).float() + gh
     grads = launch_mappings_bwd(x2, *params, proj, inv_r.reshape(-1), n, c, t_max, g_pre, g_post, g_res,
                                 need_x=needs[0], need_phi=needs[1], h_pre=h_pre, g_u=g_u)
     return mapping_grads(x, phi, alpha, bias, grads, needs)

@@ -18,11 +18,14 @@ Kernels (per token, in elements):
 * ``_mhc_coef_bwd_kernel``: recomputes the logits from proj and 1/r, back-propagates sigmoid,
   2 sigmoid and Sinkhorn (``sinkhorn.sk_backward``, on chip) and writes g_proj = dL/d(x phi)
   (W), the RMS coefficient ``coef`` (1) and per-program partial sums for grad alpha and grad
-  bias. Reads W + 1 + 2n + n^2.
+  bias. Reads W + 1 + 2n + n^2. With ``HAS_U`` (the fused read, ``fused_pre.py``) it first sums
+  x . g_u over C into H_pre's gradient (reads nC + C more): one launch, no [T, n] round trip.
 * ``_mhc_proj_bwd_kernel``: the two matmuls of the backward in one kernel:
-  grad_x = g_proj phi^T + coef * x and grad_phi = x^T g_proj. A program owns a BLOCK_K slice
-  of K (its phi slice stays in registers) and a strided share of the token blocks; it reads
-  x once (nC) and writes grad_x (nC); grad_phi partials of the token splits are summed by torch.
+  grad_x = g_proj phi^T + coef * x (+ h_pre (x) g_u for the fused read) and grad_phi = x^T g_proj.
+  A program owns a K slice, BLOCK_K / NP features of all n streams (its phi slice stays in
+  registers for all its tokens), and a strided share of the token blocks; per token it reads x
+  once (nC), g_u once (C), h_pre (n), g_proj (W) and coef once per K slice, and writes grad_x
+  (nC); grad_phi partials of the token splits are summed by torch. Autotuned (BLOCK_K, warps).
 
 ``tl.dot`` operands are >= 16 in every dimension (BLOCK_T >= 16, BLOCK_K >= 32, WP >= 16), as
 GPUs need. Its fp32 precision follows ``torch.get_float32_matmul_precision()`` (see
@@ -37,8 +40,8 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ._common import (
-    check_devices, check_shape, check_streams, check_t_max, check_tensor, dot_precision, next_pow2,
-    num_tokens,
+    check_devices, check_shape, check_streams, check_t_max, check_tensor, dot_precision, interpreting, next_pow2,
+    num_tokens, warp_configs,
 )
 from .sinkhorn import sk_backward, sk_exp, sk_forward, token_block
 
@@ -53,6 +56,7 @@ FUSED_FWD_BLOCK_T = 16
 DOT_BLOCK_T = 16
 
 
+@triton.autotune(configs=warp_configs(), key=["C", "N", "STORE_PROJ", "COMPUTE_U"])
 @triton.jit
 def _mhc_fwd_kernel(
     x_ptr, phi_ptr, alpha_ptr, bias_ptr,
@@ -134,9 +138,10 @@ def _mhc_fwd_kernel(
 
 @triton.jit
 def _gate_part_bwd(proj_ptr, bias_ptr, g_ptr, g_proj_ptr, bias_part, alpha_part,
-                   rows64, inv_r, a, idx, ok, scale,
-                   OFFSET: tl.constexpr, N: tl.constexpr, W: tl.constexpr):
-    """Backward of h = scale * sigmoid(logits) for the n columns starting at OFFSET.
+                   rows64, inv_r, a, idx, ok, scale, extra,
+                   OFFSET: tl.constexpr, N: tl.constexpr, W: tl.constexpr, LOAD_G: tl.constexpr):
+    """Backward of h = scale * sigmoid(logits) for the n columns starting at OFFSET; the
+    incoming gradient is the one at g_ptr (if LOAD_G) plus ``extra`` [BLOCK_T, NP].
 
     Stores g_proj and the grad bias / alpha partials of these columns; returns
     sum_cols(g_logits * gate * proj) per token (the RMS term).
@@ -145,24 +150,29 @@ def _gate_part_bwd(proj_ptr, bias_ptr, g_ptr, g_proj_ptr, bias_part, alpha_part,
     p = tl.load(proj_ptr + rows64[:, None] * W + col[None, :], mask=ok, other=0.0)
     b = tl.load(bias_ptr + col, mask=idx < N, other=0.0).to(tl.float32)
     h = tl.sigmoid((p * inv_r[:, None]) * a + b[None, :])
-    g = scale * tl.load(g_ptr + rows64[:, None] * N + idx[None, :], mask=ok, other=0.0).to(tl.float32)
-    gl = g * (1.0 - h) * h  # torch's sigmoid backward
+    g = extra
+    if LOAD_G:
+        g += tl.load(g_ptr + rows64[:, None] * N + idx[None, :], mask=ok, other=0.0).to(tl.float32)
+    gl = (scale * g) * (1.0 - h) * h  # torch's sigmoid backward
     tl.store(g_proj_ptr + rows64[:, None] * W + col[None, :], (gl * a) * inv_r[:, None], mask=ok)
     tl.store(bias_part + col, tl.sum(gl, axis=0), mask=idx < N)
     tl.store(alpha_part + col, tl.sum(gl * p * inv_r[:, None], axis=0), mask=idx < N)
     return tl.sum((gl * a) * p, axis=1)
 
 
+@triton.autotune(configs=warp_configs(), key=["C", "N", "HAS_PRE", "HAS_POST", "HAS_RES", "HAS_U"])
 @triton.jit
 def _mhc_coef_bwd_kernel(
     proj_ptr, inv_r_ptr, alpha_ptr, bias_ptr,
     g_pre_ptr, g_post_ptr, g_res_ptr,
-    g_proj_ptr, coef_ptr, part_ptr,
-    T, K, t_max,
-    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_RES: tl.constexpr,
+    g_proj_ptr, coef_ptr, part_ptr, x_ptr, g_u_ptr,
+    T, C, t_max,
+    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_RES: tl.constexpr, HAS_U: tl.constexpr,
 ):
     # g_proj and part arrive zeroed: the parts without an incoming gradient store nothing.
+    # HAS_U (the fused read, u = H_pre x): H_pre's gradient gets sum_c x[s, c] g_u[c] too, from a
+    # pass over this program's x rows and g_u (the first of the backward's two passes over x).
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tok = rows < T
@@ -174,15 +184,27 @@ def _mhc_coef_bwd_kernel(
     #            [program, 1, W] = sum over tokens of g_logits * proj / r (grad alpha, per column)
     bias_part = part_ptr + pid * 2 * W
     alpha_part = bias_part + W
+    K = N * C
     dot_gp = tl.zeros([BLOCK_T], dtype=tl.float32)  # sum over columns of g_logits * gate * proj
-    if HAS_PRE:
+    g_h_pre = tl.zeros([BLOCK_T, NP], dtype=tl.float32)
+    if HAS_U:
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            c_ok = cs < C
+            xb = tl.load(x_ptr + rows64[:, None, None] * K + idx[None, :, None] * C + cs[None, None, :],
+                         mask=ok[:, :, None] & c_ok[None, None, :], other=0.0).to(tl.float32)
+            gu = tl.load(g_u_ptr + rows64[:, None] * C + cs[None, :], mask=tok[:, None] & c_ok[None, :],
+                         other=0.0).to(tl.float32)
+            g_h_pre += tl.sum(xb * gu[:, None, :], axis=2)
+    if HAS_PRE or HAS_U:
         a = tl.load(alpha_ptr).to(tl.float32)
         dot_gp += _gate_part_bwd(proj_ptr, bias_ptr, g_pre_ptr, g_proj_ptr, bias_part, alpha_part,
-                                 rows64, inv_r, a, idx, ok, 1.0, 0, N, W)
+                                 rows64, inv_r, a, idx, ok, 1.0, g_h_pre, 0, N, W, HAS_PRE)
     if HAS_POST:
         a = tl.load(alpha_ptr + 1).to(tl.float32)
         dot_gp += _gate_part_bwd(proj_ptr, bias_ptr, g_post_ptr, g_proj_ptr, bias_part, alpha_part,
-                                 rows64, inv_r, a, idx, ok, 2.0, N, N, W)
+                                 rows64, inv_r, a, idx, ok, 2.0, tl.zeros([BLOCK_T, NP], dtype=tl.float32),
+                                 N, N, W, True)
     if HAS_RES:
         valid = ok[:, :, None] & (idx < N)[None, None, :]
         col3 = 2 * N + idx[:, None] * N + idx[None, :]  # [NP, NP]: column of res entry (i, j)
@@ -204,27 +226,51 @@ def _mhc_coef_bwd_kernel(
     tl.store(coef_ptr + rows, coef, mask=tok)
 
 
+def _proj_bwd_configs():
+    """Autotune configs of ``_mhc_proj_bwd_kernel``, chosen at import time.
+
+    On a GPU (Hopper in mind: 64K registers per SM, up to 228 KB shared memory): BLOCK_K (the
+    program's K slice, all n streams x BLOCK_K / NP features) of 64-256, so the phi^T slice
+    (WP x BLOCK_K fp32, 8-32 KB) and the grad_phi accumulator (BLOCK_K x WP) stay in registers,
+    with 4 or 8 warps. Under TRITON_INTERPRET=1 a single config: the interpreter cannot run a
+    multi-config autotune (it benchmarks with the GPU timer), and one config skips the
+    benchmark. Untuned on hardware: no GPU was available when these were chosen.
+    """
+    if interpreting():
+        return [triton.Config({"BLOCK_K": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bk in (64, 128, 256) for w in (4, 8) for s in (2, 3)]
+
+
+@triton.autotune(configs=_proj_bwd_configs(), key=["C", "N", "NEED_X", "NEED_PHI", "ADD_PRE"])
 @triton.jit
 def _mhc_proj_bwd_kernel(
     x_ptr, phi_ptr, g_proj_ptr, coef_ptr, h_pre_ptr, g_u_ptr,
     grad_x_ptr, grad_phi_ptr,
     T, C, n_splits,
-    N: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+    N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     NEED_X: tl.constexpr, NEED_PHI: tl.constexpr, ADD_PRE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)
+    # The program's K slice: features [pid_c * BLOCK_C, +BLOCK_C) of every stream, flattened
+    # stream-major (j = s * BLOCK_C + c), so a token's g_u block and h_pre row are loaded once
+    # for all n streams (not once per stream, nor h_pre once per element).
+    BLOCK_C: tl.constexpr = BLOCK_K // NP
+    pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     K = N * C
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = ks < K
+    j = tl.arange(0, BLOCK_K)
+    s_idx = j // BLOCK_C
+    c_idx = pid_c * BLOCK_C + (j - s_idx * BLOCK_C)
+    k_ok = (s_idx < N) & (c_idx < C)
+    ks = s_idx * C + c_idx
     cols = tl.arange(0, WP)
     col_ok = cols < W
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    idx = tl.arange(0, NP)
     phi_t = tl.load(phi_ptr + ks[None, :] * W + cols[:, None], mask=col_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)  # [WP, BLOCK_K] = phi^T slice
+                    other=0.0).to(tl.float32)  # [WP, BLOCK_K] = phi^T slice, on chip for all tokens
     acc = tl.zeros([BLOCK_K, WP], dtype=tl.float32)
-    s_idx = ks // C  # stream and feature of each flattened k (for u = H_pre x's gradient)
-    c_idx = ks - s_idx * C
     for tb in range(pid_s, tl.cdiv(T, BLOCK_T), n_splits):
         rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
         tok = rows < T
@@ -237,10 +283,12 @@ def _mhc_proj_bwd_kernel(
             cf = tl.load(coef_ptr + rows, mask=tok, other=0.0)
             gx = cf[:, None] * xb
             gx = tl.dot(gp, phi_t, gx, input_precision=DOT_PRECISION)
-            if ADD_PRE:
-                hp = tl.load(h_pre_ptr + rows64[:, None] * N + s_idx[None, :], mask=mask, other=0.0)
-                gu = tl.load(g_u_ptr + rows64[:, None] * C + c_idx[None, :], mask=mask, other=0.0)
-                gx += hp.to(tl.float32) * gu.to(tl.float32)
+            if ADD_PRE:  # u = H_pre x: grad_x[s, c] += h_pre[s] g_u[c]
+                hp = tl.load(h_pre_ptr + rows64[:, None] * N + idx[None, :], mask=tok[:, None] & (idx < N)[None, :],
+                             other=0.0).to(tl.float32)
+                gu = tl.load(g_u_ptr + rows64[:, None] * C + cs[None, :], mask=tok[:, None] & (cs < C)[None, :],
+                             other=0.0).to(tl.float32)
+                gx += tl.reshape(hp[:, :, None] * gu[:, None, :], [BLOCK_T, BLOCK_K])
             tl.store(grad_x_ptr + rows64[:, None] * K + ks[None, :], gx.to(grad_x_ptr.dtype.element_ty), mask=mask)
         if NEED_PHI:
             acc = tl.dot(tl.trans(xb), gp, acc, input_precision=DOT_PRECISION)
@@ -303,7 +351,7 @@ def launch_mappings_bwd(x2, phi, alpha, bias, proj, inv_r, n, c, t_max, g_pre, g
     """Raw backward: (grad_x [T, n, C] or None, grad_phi, grad_alpha, grad_bias) in fp32.
 
     ``h_pre`` / ``g_u`` (fused op): adds u = H_pre x's direct gradient h_pre (x) g_u to grad_x;
-    g_pre must then already include u's gradient wrt h_pre.
+    the coefficient kernel adds u's gradient wrt h_pre (x . g_u) to g_pre itself.
     """
     t = x2.shape[0]
     w, wp = _widths(n)
@@ -315,6 +363,8 @@ def launch_mappings_bwd(x2, phi, alpha, bias, proj, inv_r, n, c, t_max, g_pre, g
     g_proj = torch.zeros(t, w, device=dev, dtype=torch.float32)
     coef = torch.empty(t, device=dev, dtype=torch.float32)
     part = torch.zeros(max(n_blocks, 1), 2, w, device=dev, dtype=torch.float32)
+    if g_u is not None:
+        g_u = g_u.contiguous()
     if t > 0:
         dummy = g_proj
         _mhc_coef_bwd_kernel[(n_blocks,)](
@@ -322,10 +372,11 @@ def launch_mappings_bwd(x2, phi, alpha, bias, proj, inv_r, n, c, t_max, g_pre, g
             g_pre.contiguous() if g_pre is not None else dummy,
             g_post.contiguous() if g_post is not None else dummy,
             g_res.contiguous() if g_res is not None else dummy,
-            g_proj, coef, part,
-            t, k, t_max,
-            N=n, NP=npad, W=w, BLOCK_T=block_t,
+            g_proj, coef, part, x2, g_u if g_u is not None else dummy,
+            t, c, t_max,
+            N=n, NP=npad, W=w, BLOCK_T=block_t, BLOCK_C=max(16, min(next_pow2(c), 4096 // (block_t * npad))),
             HAS_PRE=g_pre is not None, HAS_POST=g_post is not None, HAS_RES=g_res is not None,
+            HAS_U=g_u is not None,
         )
     sums = part.sum(dim=0)  # [2, W]
     grad_bias = sums[0]
@@ -336,17 +387,18 @@ def launch_mappings_bwd(x2, phi, alpha, bias, proj, inv_r, n, c, t_max, g_pre, g
     if need_phi and t == 0:
         grad_phi = torch.zeros(k, w, device=dev, dtype=torch.float32)
     if t > 0 and (need_x or need_phi):
-        block_k = _block_k(wp)
-        k_blocks = triton.cdiv(k, block_k)
+        # token splits of the grad_phi sum: fixed before the launch (the partials buffer depends
+        # on it), sized for the smallest autotuned K slice
+        k_blocks = triton.cdiv(c, 64 // npad)
         splits = _token_splits(t, k_blocks)
         phi_part = torch.empty(splits, k, w, device=dev, dtype=torch.float32) if need_phi else None
         add_pre = need_x and g_u is not None
-        _mhc_proj_bwd_kernel[(k_blocks, splits)](
+        _mhc_proj_bwd_kernel[lambda meta: (triton.cdiv(c, meta["BLOCK_K"] // npad), splits)](
             x2, phi, g_proj, coef,
-            h_pre if add_pre else coef, g_u.contiguous() if add_pre else coef,
+            h_pre if add_pre else coef, g_u if add_pre else coef,
             grad_x if need_x else coef, phi_part if need_phi else coef,
             t, c, splits,
-            N=n, W=w, WP=wp, BLOCK_T=DOT_BLOCK_T, BLOCK_K=block_k,
+            N=n, NP=npad, W=w, WP=wp, BLOCK_T=DOT_BLOCK_T,
             NEED_X=need_x, NEED_PHI=need_phi, ADD_PRE=add_pre, DOT_PRECISION=dot_precision(),
         )
         if need_phi:

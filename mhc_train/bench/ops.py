@@ -11,12 +11,20 @@ forward+backward; ``layer`` is one whole mHC sublayer's connection work (read + 
 identity F. Bytes per token count the unavoidable traffic of the fused design (paper Table 2 and
 section 4.3.1): a memory-bound kernel can at best move them at the copy bandwidth.
 Paste the output into docs/benchmarks.md with the device.
+
+``--bytes`` prints instead the bytes per token each backend moves, counted (not assumed), per op
+and direction, against the minimum (``mhc_train/bench/byte_count.py``; the Triton kernels are
+counted under Triton's interpreter, so it runs without a GPU):
+
+    mhc-train-bench-ops --bytes [--json docs/data/bench_bytes.json] [--count-dim 256] [--tokens 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -112,7 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--ops", default="mappings,sinkhorn,apply_pre,apply_post_res,pre_mappings,layer")
+    p.add_argument("--bytes", action="store_true", help="count the bytes per token each backend moves instead")
+    p.add_argument("--count-dim", type=int, default=256, help="C of the --bytes runs (interpreted: keep it small)")
+    p.add_argument("--json", default=None, help="with --bytes: also write the counts here as JSON")
     args = p.parse_args(argv)
+    if args.bytes:
+        sys.exit(_count_bytes(args))
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -148,6 +161,22 @@ def main(argv: list[str] | None = None) -> None:
                 achieved = bytes_per_token * tokens / fwd
                 print(f"{c:>5} {op_name:<15}{impl:<9}{fwd * 1e3:>9.3f}{both * 1e3:>12.3f}{bytes_per_token:>9d}"
                       f"{achieved / 1e9:>10.1f}{achieved / bandwidth * 100:>7.0f}%")
+
+
+def _count_bytes(args) -> int:
+    """``--bytes``: byte_count's table, with the kernels under Triton's interpreter (in this process
+    when they are not imported yet, else in a child process)."""
+    argv = ["--n", str(args.n), "--C", str(args.count_dim), "--tokens", str(args.tokens or 64),
+            "--dtype", "fp32" if args.dtype == "fp32" else "bf16", "--t-max", str(args.t_max)]
+    if args.json:
+        argv += ["--json", args.json]
+    from mhc_train.bench import byte_count
+
+    if "mhc_kernels" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return byte_count.run_counted(argv)
+    os.environ["TRITON_INTERPRET"] = "1"  # before mhc_kernels defines its kernels
+    byte_count.main(argv)
+    return 0
 
 
 if __name__ == "__main__":
