@@ -70,12 +70,14 @@ def shard_model(root: nn.Module, blocks, mesh, *, expert_mesh=None, reshard_afte
 
     ``mixed_precision`` (bf16 runs): FSDP gathers the weights in bf16 and reduces gradients in
     fp32. No group casts its inputs, and the embedding, the stream contraction and each router get
-    groups of their own gathered in fp32 (``_fp32_parts``): the residual streams stay fp32 across
-    blocks and pipeline stages and routing sees fp32 weights, as under plain autocast in one
-    process. The connections' weights (phi, alpha, bias) are gathered in bf16 with their block:
+    groups of their own gathered in fp32 (``_fp32_parts``): the streams start from fp32 embeddings
+    cast to ``residual.stream_dtype`` as in every layout, and routing sees fp32 weights, as under
+    plain autocast in one process. The connections' weights (phi, alpha, bias) are gathered in bf16 with their block:
     their maths runs in fp32 on bf16-rounded weights (a connection is entered through ``read`` and
     ``write``, not ``forward``, so it cannot be a group of its own; tested within bf16 noise of one
-    process, docs/distributed.md)."""
+    process, docs/distributed.md; a group of their own through ``register_fsdp_forward_method``
+    would unshard them per read / write, but ``residual.recompute`` re-runs a block's connection
+    ops in backward before their groups' pre-backward hooks have gathered them)."""
     from torch.distributed.fsdp import fully_shard
 
     from mhc_train.parallel.expert_parallel import expert_modules, expert_parameters, is_expert_parallel
