@@ -10,7 +10,8 @@ t_max x (columns to sum 1, then rows to sum 1). Per token it reads n^2 and write
 Backward: nothing per iteration is stored, neither in global memory nor in registers. For each
 iteration p = t_max-1 .. 0 the program re-runs the forward from M0 up to p (runtime loops, so the
 code size does not grow with t_max), then back-propagates the row and the column normalisation
-of iteration p: for m_new = m / s with s = sum_dim(m), dL/dm = (g - sum_dim(g * m_new)) / s.
+of iteration p in the logarithms of the iterates: for l_new = l - logsumexp_dim(l) the gradient
+is g - m_new * sum_dim(g), starting from g * output (no division by sums that can underflow).
 Cost: t_max (t_max + 1) normalisations against the forward's 2 t_max (t_max = 20: 420 vs 40,
 about 10x the forward's arithmetic, O(t_max^2)); memory traffic per token stays 3 n^2 elements
 (logits and grad read, grad written), so for n <= 8 it remains a small, register-only kernel.
@@ -70,17 +71,18 @@ def sk_backward(m0, g, ok, t_max):
 
     ``ok`` [BLOCK_T, NP] marks the valid (token, row/column index) pairs.
     """
+    # In the logarithms of the iterates (as the reference, mhc_train/residual/sinkhorn.py): a
+    # normalisation's gradient is g - m_new * sum(g), with no division by sums that underflow.
+    g = g * sk_forward(m0, ok, t_max)
     for p in range(t_max):
         m = m0
         for _ in range(t_max - 1 - p):  # recompute the input of iteration t_max-1-p
             m = sk_step(m, ok)
-        s_col = _safe_sums(tl.sum(m, axis=1), ok)
-        m_col = m / s_col[:, None, :]
-        s_row = _safe_sums(tl.sum(m_col, axis=2), ok)
-        m_row = m_col / s_row[:, :, None]
-        g = (g - tl.sum(g * m_row, axis=2)[:, :, None]) / s_row[:, :, None]
-        g = (g - tl.sum(g * m_col, axis=1)[:, None, :]) / s_col[:, None, :]
-    return g * m0  # d exp(l - max) / dl = exp(l - max)
+        m_col = m / _safe_sums(tl.sum(m, axis=1), ok)[:, None, :]
+        m_row = m_col / _safe_sums(tl.sum(m_col, axis=2), ok)[:, :, None]
+        g = g - m_row * tl.sum(g, axis=2)[:, :, None]
+        g = g - m_col * tl.sum(g, axis=1)[:, None, :]
+    return g
 
 
 @triton.jit

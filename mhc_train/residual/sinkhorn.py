@@ -71,12 +71,17 @@ def sinkhorn_recompute(logits: torch.Tensor, t_max: int):
     m = _iterate(logits_nnt, t_max, keep=steps)
 
     def vjp(grad_out: torch.Tensor) -> torch.Tensor:
-        g = _to_token_last(grad_out)
-        # m_new = m / sum_dim(m)  =>  dL/dm = (g - sum_dim(g * m_new)) / sum_dim(m)
-        for m_new, s, dim in reversed(steps):
-            g = (g - (g * m_new).sum(dim=dim, keepdim=True)) / s
-        # m0 = exp(l - max): the max shift carries no gradient (the result does not depend on it).
-        return _from_token_last(g * _exp_shifted(logits_nnt), logits.shape)
+        # Back-propagated with respect to the logarithms of the iterates, where a normalisation
+        # m_new = m / sum_dim(m) is l_new = l - logsumexp_dim(l), whose gradient is
+        # g - m_new * sum_dim(g): no division. The same gradient written for m itself,
+        # (g - sum_dim(g * m_new)) / sum_dim(m), then times m0 = exp(l - max) at the end, divides
+        # by sums that underflow for logits spread over ~90 or more and turned a finite forward
+        # into inf * 0 = NaN gradients (an mHC run diverged at step 124 of docs/reproduction.md's
+        # instability probe). The max shift carries no gradient.
+        g = _to_token_last(grad_out) * m
+        for m_new, _, dim in reversed(steps):
+            g = g - m_new * g.sum(dim=dim, keepdim=True)
+        return _from_token_last(g, logits.shape)
 
     return _from_token_last(m, logits.shape).contiguous(), vjp
 
