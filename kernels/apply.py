@@ -6,11 +6,13 @@ functions here being the Triton implementation of ``torch.ops.mhc.apply_pre`` an
 ``torch.ops.mhc.apply_post_res`` (called by ``mhc_train.residual.ops``).
 
 All maths in fp32 (inputs upcast right after ``tl.load``), outputs in x's dtype; coefficient
-gradients in the coefficients' dtype. Per token, in elements:
+gradients in the coefficients' dtype. Every kernel runs one program per BLOCK_T tokens (autotuned
+with BLOCK_C, see ``_apply_configs``): it loads its tokens' coefficients once, then walks their
+whole C in [BLOCK_T, BLOCK_C] tiles per stream, so no coefficient is re-read per C block and
+the coefficient gradients are reduced in registers. Per token, in elements:
 
 * ``_apply_pre_fwd_kernel``: u = sum_i h[i] x[i]. Reads nC + n, writes C.
-* ``_apply_pre_bwd_kernel``: grad_x = h (x) g, grad_h = sum_c x g. One program owns its tokens'
-  whole C (looping over C blocks) so grad_h is reduced in registers. Reads nC + C + n,
+* ``_apply_pre_bwd_kernel``: grad_x = h (x) g, grad_h = sum_c x g. Reads nC + C + n,
   writes nC + n.
 * ``_apply_post_res_fwd_kernel``: out = h_res x + h_post^T y. Reads (n+1)C + n^2 + n, writes nC
   (the fused post/res kernel of the paper, Table 2's (3n+1)C reads cut to (n+1)C).
@@ -26,12 +28,52 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._common import check_devices, check_shape, check_streams, check_tensor, next_pow2, num_tokens, warp_configs
-
-TILE_ELEMENTS = 2048  # fp32 elements of a program's [BLOCK_T, NP, BLOCK_C] tile
+from ._common import check_devices, check_shape, check_streams, check_tensor, interpreting, next_pow2, num_tokens
 
 
-@triton.autotune(configs=warp_configs(), key=["C", "N", "BLOCK_T", "BLOCK_C"])
+def _apply_configs():
+    """Autotune configs of the four apply kernels, chosen at import time.
+
+    A program owns BLOCK_T tokens: their coefficients (h_pre / h_post [BLOCK_T, n], h_res
+    [BLOCK_T, n, n]) are loaded once, then it walks C in [BLOCK_T, BLOCK_C] tiles per stream
+    (grid = token blocks only, so no coefficient is re-read per C block). On a GPU (Hopper in
+    mind: memory-bound, 16-byte vector loads want >= 8 bf16 a thread, and the post-res tiles
+    are n x BLOCK_T x BLOCK_C fp32 in registers): BLOCK_T 1-16 x BLOCK_C 128-1024 with
+    512 <= BLOCK_T * BLOCK_C <= 4096 elements a stream, at 4 or 8 warps. Under TRITON_INTERPRET=1
+    a single config: the interpreter cannot run a multi-config autotune (it benchmarks with the
+    GPU timer), and one config skips the benchmark; it is a multi-token one (BLOCK_T = 4,
+    BLOCK_C = 32) so the CPU tests run partial token and C blocks. ``_prune`` drops, per n, the
+    tiles whose [BLOCK_T, NP, BLOCK_C] fp32 post-res tile would exceed ``MAX_TILE`` elements.
+    Untuned on hardware: no GPU was available when these were chosen.
+    """
+    if interpreting():
+        return [triton.Config({"BLOCK_T": 4, "BLOCK_C": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
+            for bt in (1, 4, 8, 16) for bc in (128, 256, 512, 1024) for w in (4, 8)
+            if 512 <= bt * bc <= 4096]
+
+
+MAX_TILE = 8192  # fp32 elements of a [BLOCK_T, NP, BLOCK_C] tile: 64 registers a thread at 4 warps
+
+
+def _prune(configs, named_args, **kwargs):
+    """The configs whose n-stream tile fits ``MAX_TILE`` (at least the smallest one)."""
+    def size(c):
+        return kwargs["NP"] * c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_C"]
+    fit = [c for c in configs if size(c) <= MAX_TILE]
+    return fit or [min(configs, key=size)]
+
+
+_PRUNE = {"early_config_prune": _prune}
+
+
+@triton.jit
+def _column(tile, idx, i):
+    """tile[:, i] of a [BLOCK_T, NP] tile (a one-hot select: exact)."""
+    return tl.sum(tl.where((idx == i)[None, :], tile, 0.0), axis=1)
+
+
+@triton.autotune(configs=_apply_configs(), prune_configs_by=_PRUNE, key=["C", "N"])
 @triton.jit
 def _apply_pre_fwd_kernel(x_ptr, h_ptr, u_ptr, T, C,
                           N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -40,16 +82,19 @@ def _apply_pre_fwd_kernel(x_ptr, h_ptr, u_ptr, T, C,
     rows64 = rows.to(tl.int64)
     idx = tl.arange(0, NP)
     ok = tok[:, None] & (idx < N)[None, :]
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cs < C
     h = tl.load(h_ptr + rows64[:, None] * N + idx[None, :], mask=ok, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + rows64[:, None, None] * (N * C) + idx[None, :, None] * C + cs[None, None, :],
-                mask=ok[:, :, None] & c_ok[None, None, :], other=0.0).to(tl.float32)
-    u = tl.sum(h[:, :, None] * x, axis=1)
-    tl.store(u_ptr + rows64[:, None] * C + cs[None, :], u.to(u_ptr.dtype.element_ty), mask=tok[:, None] & c_ok[None, :])
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        mask2 = tok[:, None] & (cs < C)[None, :]
+        u = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for i in tl.static_range(N):  # u += h[i] x[i], one [BLOCK_T, BLOCK_C] tile a stream
+            x_i = tl.load(x_ptr + rows64[:, None] * (N * C) + i * C + cs[None, :], mask=mask2,
+                          other=0.0).to(tl.float32)
+            u += _column(h, idx, i)[:, None] * x_i
+        tl.store(u_ptr + rows64[:, None] * C + cs[None, :], u.to(u_ptr.dtype.element_ty), mask=mask2)
 
 
-@triton.autotune(configs=warp_configs(), key=["C", "N", "BLOCK_T", "BLOCK_C"])
+@triton.autotune(configs=_apply_configs(), prune_configs_by=_PRUNE, key=["C", "N", "NEED_X", "NEED_H"])
 @triton.jit
 def _apply_pre_bwd_kernel(x_ptr, h_ptr, g_ptr, gx_ptr, gh_ptr, T, C,
                           N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -59,25 +104,26 @@ def _apply_pre_bwd_kernel(x_ptr, h_ptr, g_ptr, gx_ptr, gh_ptr, T, C,
     rows64 = rows.to(tl.int64)
     idx = tl.arange(0, NP)
     ok = tok[:, None] & (idx < N)[None, :]
-    h = tl.load(h_ptr + rows64[:, None] * N + idx[None, :], mask=ok, other=0.0).to(tl.float32)
+    h = tl.zeros([BLOCK_T, NP], dtype=tl.float32)
+    if NEED_X:
+        h = tl.load(h_ptr + rows64[:, None] * N + idx[None, :], mask=ok, other=0.0).to(tl.float32)
     acc_h = tl.zeros([BLOCK_T, NP], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
-        c_ok = cs < C
-        mask3 = ok[:, :, None] & c_ok[None, None, :]
-        offs3 = rows64[:, None, None] * (N * C) + idx[None, :, None] * C + cs[None, None, :]
-        g = tl.load(g_ptr + rows64[:, None] * C + cs[None, :], mask=tok[:, None] & c_ok[None, :],
-                    other=0.0).to(tl.float32)
-        if NEED_X:
-            tl.store(gx_ptr + offs3, (h[:, :, None] * g[:, None, :]).to(gx_ptr.dtype.element_ty), mask=mask3)
-        if NEED_H:
-            x = tl.load(x_ptr + offs3, mask=mask3, other=0.0).to(tl.float32)
-            acc_h += tl.sum(x * g[:, None, :], axis=2)
+        mask2 = tok[:, None] & (cs < C)[None, :]
+        g = tl.load(g_ptr + rows64[:, None] * C + cs[None, :], mask=mask2, other=0.0).to(tl.float32)
+        for i in tl.static_range(N):
+            offs = rows64[:, None] * (N * C) + i * C + cs[None, :]
+            if NEED_X:  # grad_x[i] = h[i] g
+                tl.store(gx_ptr + offs, (_column(h, idx, i)[:, None] * g).to(gx_ptr.dtype.element_ty), mask=mask2)
+            if NEED_H:  # grad_h[i] = sum_c x[i] g
+                x_i = tl.load(x_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
+                acc_h += tl.where((idx == i)[None, :], tl.sum(x_i * g, axis=1)[:, None], 0.0)
     if NEED_H:
         tl.store(gh_ptr + rows64[:, None] * N + idx[None, :], acc_h.to(gh_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=warp_configs(), key=["C", "N", "BLOCK_T", "BLOCK_C"])
+@triton.autotune(configs=_apply_configs(), prune_configs_by=_PRUNE, key=["C", "N"])
 @triton.jit
 def _apply_post_res_fwd_kernel(x_ptr, y_ptr, hp_ptr, hr_ptr, out_ptr, T, C,
                                N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -86,22 +132,27 @@ def _apply_post_res_fwd_kernel(x_ptr, y_ptr, hp_ptr, hr_ptr, out_ptr, T, C,
     rows64 = rows.to(tl.int64)
     idx = tl.arange(0, NP)
     ok = tok[:, None] & (idx < N)[None, :]
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cs < C
-    mask2 = tok[:, None] & c_ok[None, :]
-    out = tl.zeros([BLOCK_T, NP, BLOCK_C], dtype=tl.float32)
-    for j in tl.static_range(N):  # out[i] += h_res[i, j] x[j]
-        hr_j = tl.load(hr_ptr + rows64[:, None] * (N * N) + idx[None, :] * N + j, mask=ok, other=0.0).to(tl.float32)
-        x_j = tl.load(x_ptr + rows64[:, None] * (N * C) + j * C + cs[None, :], mask=mask2, other=0.0).to(tl.float32)
-        out += hr_j[:, :, None] * x_j[:, None, :]
+    valid = ok[:, :, None] & (idx < N)[None, None, :]
     hp = tl.load(hp_ptr + rows64[:, None] * N + idx[None, :], mask=ok, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + rows64[:, None] * C + cs[None, :], mask=mask2, other=0.0).to(tl.float32)
-    out += hp[:, :, None] * y[:, None, :]
-    tl.store(out_ptr + rows64[:, None, None] * (N * C) + idx[None, :, None] * C + cs[None, None, :],
-             out.to(out_ptr.dtype.element_ty), mask=ok[:, :, None] & c_ok[None, None, :])
+    hr = tl.load(hr_ptr + rows64[:, None, None] * (N * N) + idx[None, :, None] * N + idx[None, None, :],
+                 mask=valid, other=0.0).to(tl.float32)  # [BLOCK_T, i, j]
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cs < C
+        mask2 = tok[:, None] & c_ok[None, :]
+        y = tl.load(y_ptr + rows64[:, None] * C + cs[None, :], mask=mask2, other=0.0).to(tl.float32)
+        out = hp[:, :, None] * y[:, None, :]  # [BLOCK_T, i, BLOCK_C]
+        for j in tl.static_range(N):  # out[i] += h_res[i, j] x[j]
+            hr_j = tl.sum(tl.where((idx == j)[None, None, :], hr, 0.0), axis=2)  # h_res[:, :, j]
+            x_j = tl.load(x_ptr + rows64[:, None] * (N * C) + j * C + cs[None, :], mask=mask2,
+                          other=0.0).to(tl.float32)
+            out += hr_j[:, :, None] * x_j[:, None, :]
+        tl.store(out_ptr + rows64[:, None, None] * (N * C) + idx[None, :, None] * C + cs[None, None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=ok[:, :, None] & c_ok[None, None, :])
 
 
-@triton.autotune(configs=warp_configs(), key=["C", "N", "BLOCK_T", "BLOCK_C"])
+@triton.autotune(configs=_apply_configs(), prune_configs_by=_PRUNE,
+                 key=["C", "N", "NEED_X", "NEED_Y", "NEED_HP", "NEED_HR"])
 @triton.jit
 def _apply_post_res_bwd_kernel(x_ptr, y_ptr, hp_ptr, hr_ptr, g_ptr, gx_ptr, gy_ptr, ghp_ptr, ghr_ptr, T, C,
                                N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -112,6 +163,14 @@ def _apply_post_res_bwd_kernel(x_ptr, y_ptr, hp_ptr, hr_ptr, g_ptr, gx_ptr, gy_p
     rows64 = rows.to(tl.int64)
     idx = tl.arange(0, NP)
     ok = tok[:, None] & (idx < N)[None, :]
+    valid = ok[:, :, None] & (idx < N)[None, None, :]
+    hp = tl.zeros([BLOCK_T, NP], dtype=tl.float32)
+    hr = tl.zeros([BLOCK_T, NP, NP], dtype=tl.float32)
+    if NEED_Y:
+        hp = tl.load(hp_ptr + rows64[:, None] * N + idx[None, :], mask=ok, other=0.0).to(tl.float32)
+    if NEED_X:
+        hr = tl.load(hr_ptr + rows64[:, None, None] * (N * N) + idx[None, :, None] * N + idx[None, None, :],
+                     mask=valid, other=0.0).to(tl.float32)  # [BLOCK_T, i, j]
     acc_hp = tl.zeros([BLOCK_T, NP], dtype=tl.float32)
     acc_hr = tl.zeros([BLOCK_T, NP, NP], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -122,19 +181,21 @@ def _apply_post_res_bwd_kernel(x_ptr, y_ptr, hp_ptr, hr_ptr, g_ptr, gx_ptr, gy_p
         offs3 = rows64[:, None, None] * (N * C) + idx[None, :, None] * C + cs[None, None, :]
         gx = tl.zeros([BLOCK_T, NP, BLOCK_C], dtype=tl.float32)
         gy = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-        y = tl.load(y_ptr + rows64[:, None] * C + cs[None, :], mask=mask2, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs3, mask=mask3, other=0.0).to(tl.float32)  # [BLOCK_T, j, BLOCK_C]
+        y = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        x = tl.zeros([BLOCK_T, NP, BLOCK_C], dtype=tl.float32)
+        if NEED_HP:
+            y = tl.load(y_ptr + rows64[:, None] * C + cs[None, :], mask=mask2, other=0.0).to(tl.float32)
+        if NEED_HR:
+            x = tl.load(x_ptr + offs3, mask=mask3, other=0.0).to(tl.float32)  # [BLOCK_T, j, BLOCK_C]
         for i in tl.static_range(N):
             g_i = tl.load(g_ptr + rows64[:, None] * (N * C) + i * C + cs[None, :], mask=mask2,
                           other=0.0).to(tl.float32)
             if NEED_X:  # grad_x[j] += h_res[i, j] g[i]
-                hr_i = tl.load(hr_ptr + rows64[:, None] * (N * N) + i * N + idx[None, :], mask=ok,
-                               other=0.0).to(tl.float32)
+                hr_i = tl.sum(tl.where((idx == i)[None, :, None], hr, 0.0), axis=1)  # h_res[:, i, :]
                 gx += hr_i[:, :, None] * g_i[:, None, :]
-            if NEED_Y:
-                hp_i = tl.load(hp_ptr + rows64 * N + i, mask=tok, other=0.0).to(tl.float32)
-                gy += hp_i[:, None] * g_i
-            if NEED_HP:
+            if NEED_Y:  # grad_y += h_post[i] g[i]
+                gy += _column(hp, idx, i)[:, None] * g_i
+            if NEED_HP:  # grad_h_post[i] += sum_c g[i] y
                 acc_hp += tl.where((idx == i)[None, :], tl.sum(g_i * y, axis=1)[:, None], 0.0)
             if NEED_HR:  # grad_h_res[i, j] += sum_c g[i] x[j]
                 acc_hr += tl.where((idx == i)[None, :, None], tl.sum(g_i[:, None, :] * x, axis=2)[:, None, :], 0.0)
@@ -145,30 +206,24 @@ def _apply_post_res_bwd_kernel(x_ptr, y_ptr, hp_ptr, hr_ptr, g_ptr, gx_ptr, gy_p
     if NEED_HP:
         tl.store(ghp_ptr + rows64[:, None] * N + idx[None, :], acc_hp.to(ghp_ptr.dtype.element_ty), mask=ok)
     if NEED_HR:
-        valid = ok[:, :, None] & (idx < N)[None, None, :]
         tl.store(ghr_ptr + rows64[:, None, None] * (N * N) + idx[None, :, None] * N + idx[None, None, :],
                  acc_hr.to(ghr_ptr.dtype.element_ty), mask=valid)
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers
+# Launchers (grid: one program per BLOCK_T tokens, BLOCK_T / BLOCK_C from the autotuner)
 # --------------------------------------------------------------------------------------------
 
 
-def _blocks(n: int, c: int, t: int) -> tuple[int, int, int]:
-    npad = next_pow2(n)
-    block_c = min(next_pow2(c), max(16, TILE_ELEMENTS // npad))
-    block_t = max(1, min(next_pow2(t), TILE_ELEMENTS // (npad * block_c)))
-    return npad, block_t, block_c
+def _grid(t: int):
+    return lambda meta: (triton.cdiv(t, meta["BLOCK_T"]),)
 
 
 def launch_apply_pre_fwd(x3, h2):
     t, n, c = x3.shape
     u = torch.empty(t, c, device=x3.device, dtype=x3.dtype)
     if t > 0:
-        npad, bt, bc = _blocks(n, c, t)
-        _apply_pre_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
-            x3, h2, u, t, c, N=n, NP=npad, BLOCK_T=bt, BLOCK_C=bc)
+        _apply_pre_fwd_kernel[_grid(t)](x3, h2, u, t, c, N=n, NP=next_pow2(n))
     return u
 
 
@@ -178,10 +233,9 @@ def launch_apply_pre_bwd(x3, h2, g2, need_x: bool, need_h: bool):
     gx = torch.empty_like(x3) if need_x else None
     gh = torch.empty(t, n, device=x3.device, dtype=torch.float32) if need_h else None
     if t > 0 and (need_x or need_h):
-        npad, bt, bc = _blocks(n, c, t)
-        _apply_pre_bwd_kernel[(triton.cdiv(t, bt),)](
+        _apply_pre_bwd_kernel[_grid(t)](
             x3, h2, g2, gx if need_x else g2, gh if need_h else g2, t, c,
-            N=n, NP=npad, BLOCK_T=bt, BLOCK_C=bc, NEED_X=need_x, NEED_H=need_h)
+            N=n, NP=next_pow2(n), NEED_X=need_x, NEED_H=need_h)
     return gx, gh
 
 
@@ -189,9 +243,7 @@ def launch_apply_post_res_fwd(x3, y2, hp, hr):
     t, n, c = x3.shape
     out = torch.empty_like(x3)
     if t > 0:
-        npad, bt, bc = _blocks(n, c, t)
-        _apply_post_res_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
-            x3, y2, hp, hr, out, t, c, N=n, NP=npad, BLOCK_T=bt, BLOCK_C=bc)
+        _apply_post_res_fwd_kernel[_grid(t)](x3, y2, hp, hr, out, t, c, N=n, NP=next_pow2(n))
     return out
 
 
@@ -204,13 +256,11 @@ def launch_apply_post_res_bwd(x3, y2, hp, hr, g, need):
     ghp = torch.empty(t, n, device=x3.device, dtype=torch.float32) if need[2] else None
     ghr = torch.empty(t, n, n, device=x3.device, dtype=torch.float32) if need[3] else None
     if t > 0 and any(need):
-        npad, bt, bc = _blocks(n, c, t)
         g = g.contiguous()
-        _apply_post_res_bwd_kernel[(triton.cdiv(t, bt),)](
+        _apply_post_res_bwd_kernel[_grid(t)](
             x3, y2, hp, hr, g, gx if need[0] else g, gy if need[1] else g,
             ghp if need[2] else g, ghr if need[3] else g, t, c,
-            N=n, NP=npad, BLOCK_T=bt, BLOCK_C=bc,
-            NEED_X=need[0], NEED_Y=need[1], NEED_HP=need[2], NEED_HR=need[3])
+            N=n, NP=next_pow2(n), NEED_X=need[0], NEED_Y=need[1], NEED_HP=need[2], NEED_HR=need[3])
     return gx, gy, ghp, ghr
 
 

@@ -249,6 +249,55 @@ def test_apply_partial_gradients():
     close(grads([got], [h])[0], grads([ops.apply_pre(x.detach(), h)], [h])[0], tol=1e-4)
 
 
+
+def test_apply_kernels_run_several_tokens_per_program():
+    """The apply kernels' tuned tiles: BLOCK_T tokens x BLOCK_C features a program. Under the
+    interpreter the one config is multi-token, so the tests below run partial token blocks."""
+    from mhc_kernels import apply
+
+    configs = apply._apply_configs()
+    if is_interpreted(apply._apply_pre_fwd_kernel):
+        assert len(configs) == 1 and configs[0].kwargs["BLOCK_T"] > 1
+    assert all({"BLOCK_T", "BLOCK_C"} <= set(c.kwargs) for c in configs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 7])  # 7: a full and a partial token block of 4
+def test_apply_partial_token_and_feature_blocks(tokens, dtype):
+    """T not a multiple of BLOCK_T, C not a multiple of BLOCK_C (37 = 32 + 5 under the
+    interpreter), n not a power of two; every subset of gradients, against the reference."""
+    from mhc_train.residual import torch_ops
+
+    n, c = 3, 37
+    x = rand(tokens, n, c, seed=1, dtype=dtype, requires_grad=False)
+    y = rand(tokens, c, seed=2, dtype=dtype, requires_grad=False)
+    h_pre = rand(tokens, n, seed=3, requires_grad=False).sigmoid()
+    h_post = rand(tokens, n, seed=4, requires_grad=False)
+    h_res = rand(tokens, n, n, seed=5, requires_grad=False)
+    g_u = rand(tokens, c, seed=6, dtype=dtype, requires_grad=False)
+    g_out = rand(tokens, n, c, seed=7, dtype=dtype, requires_grad=False)
+
+    close(mhc_kernels.apply_pre_forward(x, h_pre), torch_ops.apply_pre_forward(x, h_pre), dtype=dtype)
+    close(mhc_kernels.apply_post_res_forward(x, y, h_post, h_res),
+          torch_ops.apply_post_res_forward(x, y, h_post, h_res), dtype=dtype)
+    for needs in ([True, False], [False, True], [True, True]):
+        got = mhc_kernels.apply_pre_backward(x, h_pre, g_u, needs)
+        want = torch_ops.apply_pre_backward(x, h_pre, g_u, needs)
+        for a, b, need, t in zip(got, want, needs, (x, h_pre)):
+            assert (a is None) == (not need)
+            if need:
+                close(a, b, dtype=t.dtype, tol=1e-4)
+    inputs = (x, y, h_post, h_res)
+    for k in range(5):  # each gradient alone, then all four
+        needs = [True] * 4 if k == 4 else [i == k for i in range(4)]
+        got = mhc_kernels.apply_post_res_backward(*inputs, g_out, needs)
+        want = torch_ops.apply_post_res_backward(*inputs, g_out, needs)
+        for a, b, need, t in zip(got, want, needs, inputs):
+            assert (a is None) == (not need)
+            if need:
+                close(a, b, dtype=t.dtype, tol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # Fused mappings + H_pre x
 # --------------------------------------------------------------------------------------------
