@@ -189,15 +189,11 @@ def test_runs_of_other_settings_are_set_aside_not_averaged(tmp_path, capsys, dra
     rows = {r["run"]: r for r in json.loads((out / "summary.json").read_text())}
     assert rows["tiny-mhc-n4"].get("gap") is None and rows["small-mhc-n4"]["baseline"] == "small-baseline"
 
-    # mhc-plot-losses measures each run against the baseline of its own settings only
-    from mhc_train.train import plot
-
-    kept = {}
-    monkeypatch.setattr(plot, "_save", lambda fig, path: kept.setdefault("fig", fig))
-    plot.main([str(mixed), "-o", str(tmp_path / "cmp.png")])
+    # mhc-plot-losses (the alias) measures each run against the baseline of its own settings only
+    cli.losses_main([str(mixed), "-o", str(tmp_path / "cmp.png")])
     err = capsys.readouterr().err
     assert len(_warnings(err.replace("mhc-plot-losses:", "mhc-plot:"))) == 2 and str(tiny) in err, err
-    gaps = [ln.get_label() for ln in kept["fig"].axes[1].get_lines() if not ln.get_label().startswith("_")]
+    gaps = [ln.get_label() for ln in drawn["cmp"].axes[1].get_lines() if not ln.get_label().startswith("_")]
     assert sorted(gaps) == ["baseline (reference)", "mHC (n=2, t_max=20) - baseline",
                             "mHC (n=4, t_max=20) [model=small, steps=60] - baseline"], gaps
 
@@ -233,16 +229,10 @@ def test_h_res_maps_use_a_diverging_colormap_centred_at_0(tmp_path, capsys, draw
         f.write(json.dumps({"kind": "gains", "step": 60, "h_res": h.tolist()}) + "\n")
     code, _, err = _run_cli([d, "--figures", "h_res", "-o", tmp_path / "f"], capsys)
     assert code == 0, err
-    from mhc_train.train import plot
+    from mhc_train.analysis import plot_h_res
 
-    kept = {}
-
-    def keep(fig, out):
-        kept["fig"] = fig
-        return Path(out)
-
-    monkeypatch.setattr(plot, "_save", keep)
-    plot.plot_h_res(h / 20, tmp_path / "per_layer.png", step=60)  # the trainer's per-layer figure
+    plot_h_res(h / 20, tmp_path / "per_layer.png", step=60)  # the trainer's per-layer figure
+    kept = {"fig": drawn["per_layer"]}
     for fig in (drawn["h_res"], kept["fig"]):
         images = [im for ax in fig.axes for im in ax.get_images()]
         assert images
@@ -407,7 +397,7 @@ def test_history_rows_become_records():
 # ------------------------------------------------------------------------------------ sweeps
 
 
-EXPERIMENTS = ("sweep_n", "sweep_tmax", "ablation", "stability", "scaling")
+EXPERIMENTS = ("sweep_n", "sweep_tmax", "ablation", "stability", "scaling", "instability")
 
 
 @pytest.fixture(scope="module")
@@ -445,6 +435,11 @@ def test_sweep_configs_expand_to_the_right_runs(expanded):
 
     jobs = expanded["scaling"]
     assert len(jobs) == 6 and len({j.run_dir for j in jobs}) == 6
+
+    # the seed as a sweep axis: one directory per variant and seed, all in one group (groups.py)
+    jobs = expanded["instability"]
+    assert sorted(j.run_dir.name for j in jobs) == sorted(f"tiny-{v}+train.seed:{s}" for v in
+                                                          ("baseline-n1", "hc-n4", "mhc-n4") for s in (0, 1, 2))
 
     # the command line narrows or extends a sweep: its values replace the yaml's for that key
     jobs = expand(["experiment=sweep_n", "residual.n=2,4"])

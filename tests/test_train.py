@@ -21,7 +21,7 @@ import pytest
 from mhc_train.data import ensure_bundled_dataset
 from mhc_train.train.app import main
 from mhc_train.train.checkpoint import is_complete
-from mhc_train.train.plot import read_metrics
+from mhc_train.analysis.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "train.seq_len=32", "train.batch_size=4", "optim.warmup_steps=2", "train.eval_every=0",
@@ -110,7 +110,7 @@ def test_multirun_every_variant_learns_and_plot(cache, tmp_path):
         meta = json.loads((d / "checkpoints" / "step_0000030" / "meta.json").read_text())
         assert meta["config"]["residual"]["variant"] in name and meta["step"] == 30
 
-    from mhc_train.train.plot import main as plot_main
+    from mhc_train.analysis.cli import losses_main as plot_main
 
     plot_main([str(sweep)])
     assert (sweep / "loss_comparison.png").stat().st_size > 20_000

@@ -149,7 +149,8 @@ def _draw(name: str, runs: Sequence[Run], args, baseline: Run | None, grouping: 
           layers: list[int] | None) -> list[Path]:
     path = lambda stem: out_dir / f"{args.prefix}{stem}.png"  # noqa: E731
     if name == "loss_gap":
-        return F.loss_gap(runs, path(name), ema_alpha=args.ema, baseline=baseline, grouping=grouping, pdf=args.pdf)
+        return F.loss_gap(runs, path(name), ema_alpha=args.ema, baseline=baseline, grouping=grouping, pdf=args.pdf,
+                          window=args.window)
     if name == "grad_norm":
         return F.grad_norm(runs, path(name), ema_alpha=args.ema, grouping=grouping, pdf=args.pdf)
     if name == "gains":
@@ -287,3 +288,143 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------------------ mhc-plot-results
+
+RESULTS_PROG = "mhc-plot-results"
+
+
+def _machine(root: Path) -> dict[str, Any]:
+    """How and where the runs were made: the commit and wall time reproduce.sh recorded beside
+    them ($OUT/commit, $OUT/runs_seconds), a note written by hand ($OUT/note, optional), this
+    machine, the torch of the runs."""
+    import datetime
+    import os
+    import platform
+
+    def read(name: str) -> str | None:
+        p = root / name
+        return p.read_text().strip() if p.is_file() else None
+
+    torch = None
+    for m in sorted(root.glob("*/*/metrics.jsonl"))[:1]:
+        first = json.loads(m.read_text().splitlines()[0])
+        torch = first.get("torch")
+    secs = read("runs_seconds")
+    return {"commit": read("commit"), "runs_seconds": float(secs) if secs else None, "torch": torch,
+            "note": read("note"),  # anything about the passes a reader needs (restarts, load)
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+            "date": datetime.date.today().isoformat()}
+
+
+def results_run(argv: Sequence[str] | None = None) -> int:
+    """``mhc-plot-results write RUNS_ROOT``: the JSON summaries of every reproduction experiment
+    under RUNS_ROOT into docs/results/; ``mhc-plot-results doc``: every generated region of
+    docs/reproduction.md from those summaries (``--check``: exit 1 if the doc is out of date)."""
+    from mhc_train.analysis import results as RS, results_doc as RD
+
+    parser = argparse.ArgumentParser(prog=RESULTS_PROG, description="Reproduction results as data: JSON summaries "
+                                     "from run directories, and docs/reproduction.md's numbers from them.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write", help="summaries of the experiments under RUNS_ROOT (reproduce.sh's $OUT)")
+    w.add_argument("root", metavar="RUNS_ROOT")
+    w.add_argument("-o", "--out", default="docs/results", help="where the JSON files go (default docs/results)")
+    w.add_argument("--only", help="comma-separated experiment names (default: every one found: "
+                   f"{', '.join(RS.EXPERIMENTS)})")
+    w.add_argument("--commit", help="commit the runs were trained at (default: RUNS_ROOT/commit, which "
+                   "reproduce.sh writes, else the current HEAD)")
+    d = sub.add_parser("doc", help="regenerate the results regions of the doc from the summaries")
+    d.add_argument("--results", default="docs/results")
+    d.add_argument("--doc", default="docs/reproduction.md")
+    d.add_argument("--check", action="store_true", help="write nothing; exit 1 when the doc differs")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "write":
+            root = Path(args.root)
+            extra = _machine(root)
+            commit = args.commit or extra.pop("commit") or RS.git_commit()
+            extra.pop("commit", None)
+            only = [x.strip() for x in args.only.split(",")] if args.only else None
+            for p in RS.write_results(root, args.out, commit=commit, only=only, extra=extra):
+                print(p)
+            return 0
+        doc = Path(args.doc)
+        text = doc.read_text(encoding="utf-8")
+        results = RS.load_results(args.results)
+        if not results:
+            raise AnalysisError(f"{args.results}: no summaries (run {RESULTS_PROG} write RUNS_ROOT first)")
+        new = RD.render(text, results)
+        if args.check:
+            if new != text:
+                print(f"{RESULTS_PROG}: {doc} is out of date with {args.results} (run {RESULTS_PROG} doc)",
+                      file=sys.stderr)
+                return 1
+            return 0
+        if new != text:
+            doc.write_text(new, encoding="utf-8")
+        print(f"{doc}: {len(RD.regions(text))} regions from {len(results)} summaries")
+        return 0
+    except (AnalysisError, KeyError, OSError) as e:
+        print(f"{RESULTS_PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def results_main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(results_run(sys.argv[1:] if argv is None else argv))
+
+
+# ------------------------------------------------------------- mhc-plot-losses (kept as an alias)
+
+LOSSES_PROG = "mhc-plot-losses"
+
+
+def losses_main(argv: Sequence[str] | None = None) -> None:
+    """``mhc-plot-losses``: loss curves of several runs, their gap to the baseline of their own
+    settings, and the grad norm, in one figure (``figures.loss_comparison``). The older command,
+    kept with its arguments; ``mhc-plot --figures loss_gap,grad_norm`` draws the paper's versions.
+
+        mhc-plot-losses runs/quickstart                   # a sweep directory: every run below it
+        mhc-plot-losses RUN_DIR RUN_DIR ... -o cmp.png    # chosen runs; each one's baseline is found
+    """
+    from mhc_train.analysis.runs import METRICS, find_run_dirs, load_run_dir
+
+    parser = argparse.ArgumentParser(
+        prog=LOSSES_PROG,
+        description="Loss curves of several runs and their gap to the baseline (paper Fig 5a style), "
+                    "from their metrics.jsonl files.")
+    parser.add_argument("runs", nargs="+", help="run directories, or directories with runs below them (a sweep)")
+    parser.add_argument("-o", "--out", help="output PNG (default: loss_comparison.png in the sweep "
+                        "directory when one directory is given, else in the current directory)")
+    parser.add_argument("--ema", type=float, default=0.9,
+                        help="EMA smoothing weight of the past, in [0, 1) (default 0.9)")
+    parser.add_argument("--baseline", help="the run to compute gaps against (default: per run, the baseline run "
+                        "with its settings)")
+    parser.add_argument("--allow-mixed", action="store_true", help="measure runs against a baseline of other "
+                        "settings (model, steps, data, ...) too, each named in a warning")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not 0 <= args.ema < 1:
+        parser.error(f"--ema must be in [0, 1), got {args.ema}")
+    try:
+        dirs = list({d.resolve(): d for p in args.runs for d in find_run_dirs(p)}.values())
+        runs = [r for r in map(load_run_dir, dirs) if r.series("train", "loss")[0]]
+        if not runs:
+            raise AnalysisError("no training records in the given runs")
+        grouping = Grouping(args.allow_mixed)
+        base = None
+        if args.baseline is not None:
+            base = next((r for r in runs if Path(r.source).resolve() == Path(args.baseline).resolve()), None)
+            if base is None:
+                raise AnalysisError(f"--baseline {args.baseline} is not among the runs")
+        if args.out:
+            out = Path(args.out)
+        elif len(args.runs) == 1 and Path(args.runs[0]).is_dir() and not (Path(args.runs[0]) / METRICS).is_file():
+            out = Path(args.runs[0]) / "loss_comparison.png"
+        else:
+            out = Path("loss_comparison.png")
+        path = F.loss_comparison(runs, out, ema_alpha=args.ema, baseline=base, grouping=grouping)
+    except AnalysisError as e:
+        raise SystemExit(f"{LOSSES_PROG}: {e}") from None
+    for line in grouping.warnings():
+        print(f"{LOSSES_PROG}: warning: {line}", file=sys.stderr)
+    print(f"{path}  ({len(dirs)} runs: {', '.join(str(d) for d in dirs)})")

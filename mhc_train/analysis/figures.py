@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from mhc_train.analysis import draw
+from mhc_train.analysis import draw, stats
 from mhc_train.analysis.groups import Grouping
 from mhc_train.analysis.runs import AnalysisError, Run, ema, get
 
@@ -41,43 +41,95 @@ def complete_runs(runs: Sequence[Run]) -> list[Run]:
 # --------------------------------------------------------------------------- Fig 2a / 5a
 
 
+def _gap_curve(r: Run, b: Run, ema_alpha: float) -> dict[int, float]:
+    """EMA training loss of ``r`` minus its baseline's, by step (the steps both logged)."""
+    bx, by = b.series("train", "loss")
+    rx, ry = r.series("train", "loss")
+    bat = dict(zip(bx, ema(by, ema_alpha)))
+    return {s: v - bat[s] for s, v in zip(rx, ema(ry, ema_alpha)) if s in bat}
+
+
+def _val_gap(r: Run, b: Run) -> dict[int, float]:
+    vb = dict(zip(*b.series("val", "val_loss")))
+    return {s: v - vb[s] for s, v in zip(*r.series("val", "val_loss")) if s in vb}
+
+
+def _seed_mean(curves: Sequence[dict[int, float]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps all seeds logged, the mean over seeds, and the 95% t-band (the mean itself with one seed)."""
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    mean, lo, hi = [], [], []
+    for s in steps:
+        st = stats.interval([c[s] for c in curves])
+        mean.append(st["mean"])
+        lo.append(st["ci"][0] if st["ci"] else st["mean"])
+        hi.append(st["ci"][1] if st["ci"] else st["mean"])
+    return steps, mean, lo, hi
+
+
+def final_gap(pairs: Sequence[tuple[Run, Run]], window: float = 0.1) -> dict:
+    """The final-loss gap of one setting over its seeds (each run minus its own baseline, over
+    the steps both reached) with its 95% t-interval (``stats.interval``)."""
+    gaps = []
+    for r, b in pairs:
+        upto = min(r.steps_done, b.steps_done)
+        gaps.append(r.final_loss(window, upto) - b.final_loss(window, upto))
+    return stats.interval(gaps)
+
+
 def loss_gap(runs: Sequence[Run], out: Path, *, ema_alpha: float = 0.9, baseline: Run | None = None,
-             grouping: Grouping | None = None, pdf: bool = False) -> list[Path]:
+             grouping: Grouping | None = None, pdf: bool = False, window: float = 0.1) -> list[Path]:
     """Absolute training-loss gap of each run to its baseline over steps, both EMA-smoothed
     (paper Fig 5a: mHC and HC against the baseline; Fig 2a plots HC against mHC, which is the
     difference of two of these curves). Dots: the gap of the validation losses. One panel per
-    group of comparable runs. The y range fits the last 80% of the steps (the first steps'
-    swings would hide the rest); points beyond it are marked on the edge."""
+    group of comparable runs. Seeds of one setting (each against the baseline of its own seed)
+    are drawn as their mean, a 95% t-band across seeds and each seed thin; the legend states the
+    final gap (last ``window`` of the steps) with its interval, or "1 seed, no interval". The y
+    range fits the last 80% of the steps (the first steps' swings would hide the rest); points
+    beyond it are marked on the edge."""
     grouping = grouping or Grouping()
     pairs = grouping.baselines(runs, baseline, figure="loss_gap")
     drawn = list({id(r): r for pair in pairs for r in pair}.values())
     groups = [g for g in grouping.groups(drawn) if any(not r.is_baseline for r in g)]
     base_of = {id(r): b for r, b in pairs}
     rows, cols = draw.grid(len(groups), 2)
-    fig, axes = draw.figure(7.5 * cols, 4.4 * rows + 0.4, rows, cols)
+    fig, axes = draw.figure(7.5 * cols, 4.6 * rows + 0.4, rows, cols)
     for i, group in enumerate(groups):
         ax = axes[i // cols][i % cols]
         members = draw.sort_runs([r for r in group if id(r) in base_of])
-        labels, colors, styles = draw.labels(members), draw.colors(members), draw.linestyles(members)
-        curves, lo, hi = [], 0.0, 0.0
+        colors = draw.colors(members)
+        setting_of = draw.labels(members, seeds=False)
+        by_setting: dict[str, list[Run]] = {}
         for r in members:
-            b = base_of[id(r)]
-            bx, by = b.series("train", "loss")
-            rx, ry = r.series("train", "loss")
-            bat, rat = dict(zip(bx, ema(by, ema_alpha))), dict(zip(rx, ema(ry, ema_alpha)))
-            xs = [s for s in rx if s in bat]
-            gap = [rat[s] - bat[s] for s in xs]
-            ax.plot(xs, gap, lw=1.5, color=colors[id(r)], ls=styles[id(r)], label=labels[id(r)])
-            curves.append((xs, gap, colors[id(r)]))
+            by_setting.setdefault(setting_of[id(r)], []).append(r)
+        curves, lo, hi = [], 0.0, 0.0
+        for label, runs_of in by_setting.items():
+            color = colors[id(runs_of[0])]
+            # A run that stopped early (diverged, or still running) is drawn thin up to where it
+            # ended, an x there, and left out of the mean, the band and the final gap: averaging
+            # it in would end the mean at its last step.
+            seeds = [r for r in runs_of if r.complete] or runs_of
+            ended = [r for r in runs_of if r not in seeds]
+            final = final_gap([(r, base_of[id(r)]) for r in seeds], window)
+            xs, mean, band_lo, band_hi = _seed_mean([_gap_curve(r, base_of[id(r)], ema_alpha) for r in seeds])
+            for r in runs_of if len(runs_of) > 1 else ():
+                c = _gap_curve(r, base_of[id(r)], ema_alpha)
+                ax.plot(list(c), list(c.values()), lw=0.6, alpha=0.35, color=color)
+                if r in ended and c:
+                    ax.plot([max(c)], [c[max(c)]], "x", ms=7, mew=2, color=color)
+                    curves.append(([max(c)], [c[max(c)]], color))
+            if len(seeds) > 1:
+                ax.fill_between(xs, band_lo, band_hi, color=color, alpha=0.18, lw=0)
+            stopped = "".join(f"; seed {get(r.config, 'train.seed')} ended at step {r.steps_done} (x)" for r in ended)
+            ax.plot(xs, mean, lw=1.6, color=color,
+                    label=f"{label}: final gap {stats.describe(final)}{stopped}")
+            curves.append((xs, mean, color))
             start = xs[len(xs) // 5] if xs else 0
-            tail = [g for s, g in zip(xs, gap) if s >= start]
-            vb = dict(zip(*b.series("val", "val_loss")))
-            vx, vy = r.series("val", "val_loss")
-            vgap = [(s, v - vb[s]) for s, v in zip(vx, vy) if s in vb]
-            if vgap:
-                ax.plot([s for s, _ in vgap], [g for _, g in vgap], "o", ms=4, color=colors[id(r)], alpha=0.7)
-                curves.append(([s for s, _ in vgap], [g for _, g in vgap], colors[id(r)]))
-                tail += [g for s, g in vgap if s >= start]
+            tail = [v for s, a, b in zip(xs, band_lo, band_hi) if s >= start for v in (a, b)]
+            vx, vmean, _, _ = _seed_mean([_val_gap(r, base_of[id(r)]) for r in seeds])
+            if vx:
+                ax.plot(vx, vmean, "o", ms=4, color=color, alpha=0.7)
+                curves.append((vx, vmean, color))
+                tail += [g for s, g in zip(vx, vmean) if s >= start]
             if tail:
                 lo, hi = min(lo, min(tail)), max(hi, max(tail))
         ax.axhline(0.0, color="black", lw=1.0, ls="--", label="baseline (reference)")
@@ -85,14 +137,17 @@ def loss_gap(runs: Sequence[Run], out: Path, *, ema_alpha: float = 0.9, baseline
         ax.set_xlabel("training step")
         ax.set_ylabel(f"loss - baseline loss  (EMA {ema_alpha})")
         name = grouping.describe(group, drawn)
-        ax.set_title((f"runs with {name}\n" if name else "") + "lines: training loss, dots: validation loss"
-                     + (f"\n{clipped}" if clipped else ""), fontsize=9)
+        k = max(len(v) for v in by_setting.values())
+        what = (f"thick: mean of {k} seeds (each minus the baseline of its seed), thin: each seed,\n"
+                f"band: {stats.METHOD}" if k > 1 else "one seed per setting")
+        ax.set_title((f"runs with {name}\n" if name else "") + "lines: training loss, dots: validation loss; "
+                     + f"{what}" + (f"\n{clipped}" if clipped else ""), fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7.5)
     for j in range(len(groups), rows * cols):
         axes[j // cols][j % cols].axis("off")
-    fig.suptitle("Loss gap to the baseline of the same settings (paper Fig 2a / 5a); below 0 = better than "
-                 "baseline", fontsize=10)
+    fig.suptitle("Loss gap to the baseline of the same settings (paper Fig 2a / 5a)\nbelow 0 = better than "
+                 f"baseline; final gap = mean over the last {window:.0%} of the steps", fontsize=10)
     return draw.save(fig, out, pdf)
 
 
@@ -381,3 +436,108 @@ def ablation(runs: Sequence[Run], out: Path, *, window: float = 0.1, baseline: R
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     return draw.save(fig, out, pdf)
+
+
+# ------------------------------------------------------- one run, several runs (mhc-plot-losses)
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, ema_alpha: float = 0.9) -> Path:
+    """Loss (raw, EMA, validation), gradient norm and learning rate of one run: the figure the
+    trainer draws beside the run (``run_dir/figures/loss.png``) as it goes."""
+    from mhc_train.analysis.runs import load_run_dir
+
+    run = load_run_dir(run_dir)
+    fig, axes = draw.figure(11, 4, 1, 2)
+    ax = axes[0][0]
+    x, y = run.series("train", "loss")
+    if x:
+        ax.plot(x, y, color="tab:blue", alpha=0.25, lw=0.8, label="train (raw)")
+        ax.plot(x, ema(y, ema_alpha), color="tab:blue", lw=1.6, label=f"train (EMA {ema_alpha})")
+    vx, vy = run.series("val", "val_loss")
+    if vx:
+        ax.plot(vx, vy, "o-", color="tab:orange", ms=4, lw=1.2, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy + balance loss")
+    ax.set_title(f"{run.name}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax = axes[0][1]
+    gx, gy = run.series("train", "grad_norm")
+    if gx:
+        ax.plot(gx, gy, color="tab:green", lw=0.8, label="grad norm (before clipping)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("grad norm")
+    ax.grid(alpha=0.3)
+    lx, ly = run.series("train", "lr")
+    if lx:
+        ax2 = ax.twinx()
+        ax2.plot(lx, ly, color="tab:red", lw=1.0, ls="--", label="learning rate")
+        ax2.set_ylabel("learning rate")
+        lines = ax.get_lines() + ax2.get_lines()
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="best")
+    ax.set_title("gradient norm and learning rate")
+    return draw.save(fig, Path(out) if out else Path(run_dir) / "figures" / "loss.png", False)[0]
+
+
+def loss_comparison(runs: Sequence[Run], out: Path, *, ema_alpha: float = 0.9, baseline: Run | None = None,
+                    grouping: Grouping | None = None) -> Path:
+    """``mhc-plot-losses``: every run's EMA training loss (dots: validation), its gap to the
+    baseline of its own settings, and the grad norm, side by side. Runs without a baseline of
+    their settings stay out of the gap panel (``grouping`` holds the warnings naming them), and
+    the panel says why when none has one."""
+    grouping = grouping or Grouping()
+    runs = draw.sort_runs(runs)
+    labels = draw.labels(runs, group_of=grouping.names(runs))
+    color = {id(r): f"C{i % 10}" for i, r in enumerate(runs)}
+    try:
+        pairs, no_gap = grouping.baselines(runs, baseline, figure="the loss gap"), ""
+    except AnalysisError as e:
+        pairs, no_gap = [], str(e)
+    fig, axes = draw.figure(16, 4.4, 1, 3)
+    ax = axes[0][0]
+    curves = []
+    for r in runs:
+        x, y = r.series("train", "loss")
+        vx, vy = r.series("val", "val_loss")
+        y = ema(y, ema_alpha)
+        ax.plot(x, y, lw=1.4, label=labels[id(r)], color=color[id(r)])
+        if vx:
+            ax.plot(vx, vy, "o", ms=3.5, color=color[id(r)], alpha=0.8)
+        curves += [(x, y, color[id(r)]), (vx, vy, color[id(r)])]
+    # the y range of the last four fifths (the steep start would flatten the end), the start's
+    # points marked on the edge
+    tails = [y for xs, ys, _ in curves for y in ys[len(ys) // 5:]]
+    clipped = draw.clip_marked(ax, curves, min(tails), max(tails), signed=False) if tails else ""
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss (EMA {ema_alpha}); dots: validation")
+    ax.set_title("training loss" + (f"\n{clipped}" if clipped else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+    ax = axes[0][1]
+    if pairs:
+        for r, b in pairs:
+            gap = _gap_curve(r, b, ema_alpha)
+            ax.plot(list(gap), list(gap.values()), lw=1.4, label=f"{labels[id(r)]} - {labels[id(b)]}",
+                    color=color[id(r)])
+        ax.axhline(0.0, color="black", lw=1.0, ls="--", label="baseline (reference)")
+        ax.set_title("absolute loss gap to the baseline of the same settings (< 0: better)", fontsize=10)
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, f"no loss gap:\n{no_gap}", ha="center", va="center", wrap=True, transform=ax.transAxes)
+        ax.set_title("loss gap to the baseline")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss - baseline loss (both EMA)")
+    ax.grid(alpha=0.3)
+
+    ax = axes[0][2]
+    for r in runs:
+        gx, gy = r.series("train", "grad_norm")
+        if gx:
+            ax.plot(gx, gy, lw=0.9, label=labels[id(r)], color=color[id(r)])
+    ax.set_xlabel("step")
+    ax.set_ylabel("global grad norm (before clipping)")
+    ax.set_title("gradient norm")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return draw.save(fig, out, False)[0]

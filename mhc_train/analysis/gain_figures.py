@@ -208,3 +208,66 @@ def h_res(runs: Sequence[Run], out: Path, *, step: int | None = None, layers: Se
     fig.suptitle("$H^{res}$ averaged over tokens (paper Fig 8); blue < 0 < red, each matrix on its own colour scale.\n"
                  "Right ticks: row sums (forward gain); bottom ticks: column sums (backward gain)", fontsize=9)
     return draw.save(fig, out, pdf)
+
+
+# ------------------------------------------------------------ one record (drawn by the trainer)
+
+
+def plot_h_res(h_res, out: str | Path, *, step: int, title: str = "") -> Path:
+    """Token-averaged H_res of every sublayer of one gains record (paper Fig 8, all layers):
+    entries, row sums (forward gain) at the right of each matrix, column sums (backward gain)
+    below it. One diverging scale for all layers, white at 0 (blue < 0 < red), with its
+    colorbar. The trainer draws it at every gains step, beside the run."""
+    import math
+
+    import numpy as np
+
+    h = np.asarray(h_res, dtype=float)
+    layers, n = h.shape[0], h.shape[-1]
+    cols = min(layers, 6 if layers <= 24 else 10)
+    rows = math.ceil(layers / cols)
+    size = 1.0 + 0.42 * n
+    fig, axes = draw.figure(cols * size + 1.2, rows * (size + 0.35) + 0.8, rows, cols)
+    cmap, norm = draw.diverging(h)
+    image = None
+    for i in range(rows * cols):
+        ax = axes[i // cols][i % cols]
+        if i >= layers:
+            ax.axis("off")
+            continue
+        m = h[i]
+        image = ax.imshow(m, cmap=cmap, norm=norm)
+        ax.set_title(f"layer {i + 1} ({'attn' if i % 2 == 0 else 'ffn'} {i // 2 + 1})", fontsize=8)
+        ax.set_xticks(range(n), [f"{c:.2f}" for c in m.sum(axis=0)], fontsize=6, rotation=90 if n > 4 else 0)
+        ax.set_yticks(range(n), [f"{r:.2f}" for r in m.sum(axis=1)], fontsize=6)
+        ax.yaxis.tick_right()
+        ax.tick_params(length=0)
+        if n <= 6:  # entries readable in the cells
+            for (r, c), v in np.ndenumerate(m):
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=5.5,
+                        color=draw.text_color(cmap, norm, v))
+    fig.suptitle(f"{title} H_res per layer at step {step}; blue < 0 < red  (right: row sums = forward gain; "
+                 f"below: column sums = backward gain)", fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="H_res entry")
+    return draw.save(fig, Path(out), False)[0]
+
+
+def plot_gains(gains: dict[str, list[float]], out: str | Path, *, step: int, title: str = "") -> Path:
+    """Amax gain magnitudes per layer of one gains record (paper Figs 3 / 7): single-layer and
+    composite, each panel on the scale of its values (``draw.gain_axis``)."""
+    fig, axes = draw.figure(11, 3.8, 1, 2)
+    for ax, which in zip(axes[0], ("single", "composite")):
+        for direction, color in (("forward", "tab:blue"), ("backward", "tab:orange")):
+            values = gains.get(f"{which}_{direction}") or []
+            ax.plot(range(1, len(values) + 1), values, "o-", ms=3, color=color,
+                    label=FORWARD if direction == "forward" else BACKWARD)
+        ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel("layer (attention and FFN sublayers, in order)")
+        ax.set_ylabel("Amax gain magnitude")
+        draw.gain_axis(ax, [v for d in ("forward", "backward") for v in (gains.get(f"{which}_{d}") or [])])
+        ax.set_title("single-layer H_res" if which == "single" else "composite product of H_res", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title} Amax gains at step {step}", fontsize=10)
+    return draw.save(fig, Path(out), False)[0]

@@ -26,13 +26,14 @@ from mhc_train.nested import flatten
 # and its knobs), what they average over (the seed), and what changes how a run is executed or
 # logged but not what it learns. parallel.* is here because the data-parallel degree shows in
 # the tokens per step, compared instead; optim.lr and train.precision are compared as resolved
-# (optim.lr: null means lr_by_size[model], precision auto means bf16 on some GPUs only).
+# (optim.lr: null means lr_by_size[model], precision auto means bf16 on some GPUs only), and so is
+# train.matmul_precision (it changes nothing on a CPU).
 NOT_COMPARED = ("residual", "train.seed", "experiment", "logging", "parallel", "run_name", "run_dir",
                 "output_root", "resume", "data.cache_dir", "train.device", "train.threads",
                 "train.deterministic", "train.precision", "train.eval_every", "train.eval_batches",
                 "train.checkpoint_every", "train.keep_checkpoints", "train.gains_every", "train.gains_sequences",
                 "train.max_consecutive_skips", "train.stop_at", "train.peak_flops", "train.activation_checkpoint",
-                "train.compile", "optim.lr", "optim.lr_by_size")
+                "train.compile", "train.matmul_precision", "optim.lr", "optim.lr_by_size")
 
 
 def _compared(key: str) -> bool:
@@ -48,6 +49,10 @@ def settings(run: Run) -> dict[str, Any]:
         lr = get(run.config, f"optim.lr_by_size.{get(run.config, 'model.name')}")
     out["lr"] = lr
     out["precision"] = run.info.get("precision", get(run.config, "train.precision"))
+    # train.matmul_precision acts on CUDA only (TF32 or not); on a CPU every fp32 matmul is IEEE,
+    # whatever the setting, and runs from before the key existed lack it.
+    on_cuda = str(run.info.get("device", get(run.config, "train.device"))).startswith("cuda")
+    out["fp32 matmuls"] = get(run.config, "train.matmul_precision", "high") if on_cuda else "ieee"
     steps, tokens = run.series("train", "tokens")
     out["tokens per step"] = int(round(tokens[0] / steps[0])) if steps and steps[0] > 0 else None
     return out
@@ -61,7 +66,7 @@ def differences(a: Run, b: Run) -> list[str]:
     """The settings in which two runs differ, ``key: a vs b`` (the model name first, the
     resolved lr, precision and tokens per step last)."""
     sa, sb = settings(a), settings(b)
-    derived = ("lr", "precision", "tokens per step")  # after the config keys, which they follow from
+    derived = ("lr", "precision", "fp32 matmuls", "tokens per step")  # after the config keys, which they follow from
     keys = sorted((k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k)),
                   key=lambda k: (k != "model.name", k in derived, k))
     return [f"{k}: {sa.get(k)} vs {sb.get(k)}" for k in keys]

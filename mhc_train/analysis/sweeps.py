@@ -33,7 +33,9 @@ class Job:
     steps: int  # train.steps of the job
 
     def state(self) -> str:
-        """complete / partial (step k) / not started, from the run's metrics.jsonl."""
+        """complete / stopped (step k) / partial (step k) / not started, from the run's
+        metrics.jsonl. Stopped: the trainer ended it for non-finite updates (a diverged run), an
+        outcome that a relaunch would only repeat."""
         if not (self.run_dir / METRICS).is_file():
             return "not started"
         try:
@@ -42,6 +44,9 @@ class Job:
             return "not started"
         if run.complete:
             return "complete"
+        ends = [r for r in run.records if r.get("kind") == "end"]
+        if ends and ends[-1].get("status") == "stopped":
+            return f"stopped (step {run.steps_done}, diverged)"
         return f"partial (step {run.steps_done} of {self.steps})"
 
 
