@@ -168,3 +168,19 @@ def test_disabled_leaves_the_blocks_alone():
     model = tiny_model("mhc")
     apply_compile(list(model.blocks), False, None)
     assert all(b._compiled_call_impl is None for b in model.blocks)
+
+
+def test_the_documented_compile_table_is_the_committed_json():
+    """docs/benchmarks.md's per-block compile table shows docs/data/bench_compile.json's rows."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / "docs" / "data" / "bench_compile.json").read_text())
+    doc = (root / "docs" / "benchmarks.md").read_text()
+    assert data["command"] in doc
+    shown = set(re.findall(r"^\| (tiny|small) \| (baseline|hc|mhc) \| (\d+) \| (\d+) \| ([\d.]+)x \|", doc, re.M))
+    recorded = {(r["model"], r["variant"], f"{r['eager_step_ms']:.0f}", f"{r['compiled_step_ms']:.0f}",
+                 f"{r['eager_over_compiled']:.2f}") for r in data["results"]}
+    assert shown == recorded
