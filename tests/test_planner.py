@@ -161,13 +161,19 @@ def test_bytes_add_up_and_sharding_divides(ctx27):
 
 def test_flat_fsdp_27b_matches_the_earlier_estimate(ctx27):
     """Flat FSDP over 32 GPUs at micro-batch 1 was estimated at about 68-77 GB per GPU (static
-    state plus one micro-batch's activations); the trainer's once-per-step reduce-scatter adds
-    FSDP2's unsharded fp32 gradients on top, which is what makes it miss 80 GB here."""
-    e = estimate(ctx27, Cluster(gpus=32), Layout(MeshDegrees(dp_shard=32), None, 1, 40, False, True))
-    b = e.bytes_per_gpu
-    assert 68 * GB <= b["params"] + b["grads"] + b["optimizer"] + b["activations"] <= 77 * GB
-    assert b["grad_accumulation"] == pytest.approx(4 * ctx27.params.total)
-    assert not e.fits
+    state plus one micro-batch's activations) with fp32 residual streams, less with the bf16 ones
+    of a bf16 run; the trainer's once-per-step reduce-scatter adds FSDP2's unsharded fp32
+    gradients on top, which is what makes it miss 80 GB here."""
+    import dataclasses
+
+    layout = Layout(MeshDegrees(dp_shard=32), None, 1, 40, False, True)
+    fp32_streams = PlanContext(ctx27.model_cfg, dataclasses.replace(VARIANTS["mhc"], stream_dtype="float32"), 4096, 1280)
+    for ctx, low, high in ((fp32_streams, 68, 77), (ctx27, 56, 68)):  # that estimate had fp32 streams
+        e = estimate(ctx, Cluster(gpus=32), layout)
+        b = e.bytes_per_gpu
+        assert low * GB <= b["params"] + b["grads"] + b["optimizer"] + b["activations"] <= high * GB
+        assert b["grad_accumulation"] == pytest.approx(4 * ctx.params.total)
+        assert not e.fits
 
 
 def test_communication_locality(ctx27):

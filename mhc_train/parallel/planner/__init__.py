@@ -45,16 +45,18 @@ saves in this code base and checked against ``mhc_train.bench.memory_report`` me
 (``measure_activation_bytes``; tests/test_planner.py): per sublayer, residual part + layer part,
 plus the embedding and head. Per token, C = dim, n = streams, W = n^2 + 2n, in bytes:
 
-    residual (read, pre-norm, write; not recomputed) - the residual streams stay fp32 (a = the
-    normed sublayer input, kept only in fp32: under autocast F keeps bf16 copies instead;
+    residual (read, pre-norm, write; not recomputed) - s = bytes per stream element
+    (``residual.stream_dtype``: 2 in a bf16 run by default, 4 in fp32) (a = the normed sublayer
+    input, kept only in fp32: under autocast F keeps bf16 copies instead;
     y = the sublayer output, bf16 under autocast except the MoE's, combined in fp32):
-      baseline  4C + 4 + 4C + a                    (stream, rsqrt, normalised; the add keeps nothing)
-      mhc       4nC + 8W + 4 + 8n  + 8C + 4 + a + y  (streams, projection, 1/r, logits, H_pre,
+      baseline  sC + 4 + 4C + a                    (stream, rsqrt, normalised; the add keeps nothing)
+      mhc       snC + 8W + 4 + 8n + sC + 4C + 4 + a + y  (streams, projection, 1/r, logits, H_pre,
                                                      H_post; u, rsqrt, normalised; y for H_post^T y)
       hc        4nC + 4n + 4nC + 4nC + t(n(n+1) + n) + 4n(n+1) + 4n + 8C + 4 + a + y
                 (streams, per-stream norm: rsqrt, normalised, its output in fp32 or its two bf16
                  casts; tanh t = 4 or 2; the maps; the pre-norm of u); static HC: 4nC + 8C + 4 + a + y
-    residual with recomputation (block of L_r sublayers, restarting at each stage): 4nC per
+    (hc's terms are calibrated with fp32 streams and kept so: within 12 % with bf16 ones)
+    residual with recomputation (block of L_r sublayers, restarting at each stage): snC per
       block (its input x_l0) + y per sublayer (hc, mhc; the baseline's write keeps nothing)
     attention  fp32: 4(kv+r) + 4 + 8kv + sdpa + 4 h dv    bf16: 4C + 8kv + 4 + sdpa + 2 h dv
       (kv = kv_lora_rank, r = rope dim; q-LoRA adds its own norm likewise)
@@ -65,7 +67,7 @@ plus the embedding and head. Per token, C = dim, n = streams, W = n^2 + 2n, in b
       fp32: 4E + 32k + 4 + 12kC + 16kF_e + 16F_s
       bf16: 6C + 2E + 28k + 2 + 8kC + 8kF_e + 8F_s       (4C of it are the shared experts' casts)
     first stage 8 (token ids); last stage fp32 12C + 4V + 12, bf16 10C + 4V + 12 (+4nC for a
-      learned contraction); a pipeline stage other than the last also keeps its output (4nC)
+      learned contraction); a pipeline stage other than the last also keeps its output (snC)
 
 The MoE terms are those of the grouped-GEMM path (``torch._grouped_mm``: CPU, and bf16 on sm90 /
 sm100); the per-expert loop casts each expert's rows twice under autocast (+2kC). The mHC terms

@@ -43,19 +43,29 @@ def _y_bytes(kind: str, precision: str) -> int:
     return 4 if precision == "fp32" or kind == "moe" else 2
 
 
+def stream_bytes(r: ResidualConfig, precision: str) -> int:
+    """Bytes per element of the residual streams (``residual.stream_dtype``; auto: bf16 in a bf16 run)."""
+    if r.stream_dtype == "auto":
+        return 2 if precision == "bf16" else 4
+    return 4 if r.stream_dtype == "float32" else 2
+
+
 def residual_bytes(m: ModelConfig, r: ResidualConfig, kind: str, precision: str = "bf16") -> float:
     """Residual part of one sublayer without recomputation, per token (module docstring)."""
     _check(precision)
-    c, n = m.dim, r.streams
+    c, n, s = m.dim, r.streams, stream_bytes(r, precision)
     a = 4 * c if precision == "fp32" else 0  # F's saved input; under autocast F keeps bf16 casts
     y = _y_bytes(kind, precision) * c
-    prenorm = 8 * c + 4  # u (fp32), rsqrt, normalised
+    prenorm = s * c + 4 * c + 4  # u (the streams' dtype), rsqrt, normalised
     if r.variant == "baseline":
-        return 4 * c + 4 + 4 * c + a  # the stream (a view of the streams), rsqrt, normalised
+        return s * c + 4 + 4 * c + a  # the stream (a view of the streams), rsqrt, normalised
     if r.variant == "mhc":
         w = n * n + 2 * n
-        return 4 * n * c + 8 * w + 4 + 8 * n + prenorm + a + y
+        return s * n * c + 8 * w + 4 + 8 * n + prenorm + a + y
     if r.variant == "hc":
+        # Calibrated with fp32 streams; with bf16 streams HC keeps about as much (fp32 copies for its
+        # dynamic maps): measured within 12 % (tests/test_planner.py), so its terms stay fp32 here.
+        prenorm = 8 * c + 4
         kept = 4 * n * c  # the streams (apply_pre, apply_post_res)
         if r.dynamic:
             t = 4 if precision == "fp32" else 2  # tanh of a bf16 matmul under autocast
@@ -148,11 +158,12 @@ def stage_activation_bytes(m: ModelConfig, r: ResidualConfig, blocks: range, seq
         else:
             residual += recompute_kept_bytes(m, r, ffn_kind, precision)
         layer += attention_bytes(m, seq_len, precision, kernel) if kind == "attn" else ffn_bytes(m, kind, precision)
+    sb = stream_bytes(r, precision)
     if lr is not None and kinds:
-        residual += 4 * r.streams * m.dim * math.ceil(len(kinds) / lr)
+        residual += sb * r.streams * m.dim * math.ceil(len(kinds) / lr)
     other = (EMBED_BYTES if first else 0.0) + (head_bytes(m, r, precision) if last else 0.0)
     if keeps_output and not last:
-        other += 4 * r.streams * m.dim
+        other += sb * r.streams * m.dim
     return ActivationBytes(residual, layer, other)
 
 
