@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mhc_train.model.weight_casts import step_region
 from mhc_train.train.block_wrappers import blocks_of
+from layout_builder import build_layout, local
 
 PP2 = ["parallel=mesh", "parallel.pp=2", "train.batch_size=4"]
 LAYOUTS = {
@@ -63,33 +64,9 @@ class WeightCasts(TorchDispatchMode):
 
 
 def build(overrides: list[str], mode: str, recompute: str, bf16: bool):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from mhc_train.model import MHCTransformer
-    from mhc_train.train.config import CONFIG_DIR, register_configs, validate
-    from mhc_train.train.layouts import make_layout
-    from mhc_train.train.optim import build_optimizer
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = validate(compose("config", overrides=[
-            "model=tiny", "model.n_layers=4", "model.seq_aux_loss_coef=0.01", "train.seq_len=16", "residual=mhc",
-            f"residual.recompute={recompute}",
-            f"train.activation_checkpoint={mode}", *overrides]))
-    GlobalHydra.instance().clear()
-    with torch.device("meta"):
-        model = MHCTransformer(cfg.model, cfg.residual)
-    layout = make_layout(model, torch.device("cpu"), cfg, bf16=bf16)
-    layout.prepare()
-    optimizer = build_optimizer(layout.optimized_module, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    layout.attach(optimizer)
-    return model, layout
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+    return build_layout(["model=tiny", "model.n_layers=4", "model.seq_aux_loss_coef=0.01", "train.seq_len=16",
+                         "residual=mhc", f"residual.recompute={recompute}", f"train.activation_checkpoint={mode}",
+                         *overrides], bf16)
 
 
 def train(overrides, mode, recompute, bf16, data):

@@ -21,40 +21,19 @@ import sys
 
 import torch
 import torch.distributed as dist
+from layout_builder import build_layout, local
 
 CASES = [("mhc", "off"), ("mhc", "auto"), ("baseline", "off"), ("baseline", "auto"), ("hc", "off")]
 
 
 def build(variant: str, recompute: str, concurrency: str):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from mhc_train.model import MHCTransformer
-    from mhc_train.train.config import CONFIG_DIR, register_configs, validate
-    from mhc_train.train.mesh_layout import MeshLayout
-    from mhc_train.train.optim import build_optimizer
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = validate(compose("config", overrides=[
-            "model=tiny", "model.n_layers=4", "model.n_dense_layers=0", "train.seq_len=16", "train.batch_size=4", f"residual={variant}",
-            f"residual.recompute={recompute}", "parallel=mesh", "parallel.pp=2", "parallel.ep=2",
-            "parallel.pipeline.schedule=dualpipev", "parallel.pipeline.microbatches=4",
-            f"parallel.pipeline.overlap_concurrency={concurrency}"]))
-    GlobalHydra.instance().clear()
-    with torch.device("meta"):
-        model = MHCTransformer(cfg.model, cfg.residual)
-    layout = MeshLayout(model, torch.device("cpu"), cfg, bf16=False)
-    layout.prepare()
-    optimizer = build_optimizer(layout.optimized_module, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    layout.attach(optimizer)
+    model, layout = build_layout([
+        "model=tiny", "model.n_layers=4", "model.n_dense_layers=0", "train.seq_len=16", "train.batch_size=4",
+        f"residual={variant}", f"residual.recompute={recompute}", "parallel=mesh", "parallel.pp=2", "parallel.ep=2",
+        "parallel.pipeline.schedule=dualpipev", "parallel.pipeline.microbatches=4",
+        f"parallel.pipeline.overlap_concurrency={concurrency}"], bf16=False)
     layout.pipe.overlap_handler.record_phases = True
     return model, layout
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def train(variant: str, recompute: str, concurrency: str, data):

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from mhc_train.model.weight_casts import step_region
 from mhc_train.train.block_wrappers import blocks_of
+from layout_builder import build_layout
 
 LAYOUTS = {
     "single": ["parallel=single", "train.batch_size=4"],
@@ -31,31 +32,14 @@ TOLERANCE = 5e-3  # bf16 rounding: the layouts round weights and reductions in o
 
 
 def build(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from mhc_train.model import MHCTransformer
-    from mhc_train.train.config import CONFIG_DIR, register_configs, validate
-    from mhc_train.train.layouts import make_layout
-    from mhc_train.train.optim import build_optimizer
-
-    register_configs()
-    GlobalHydra.instance().clear()
     # the one-process reference runs on each rank by itself (validation refuses single under torchrun)
     world = os.environ.pop("WORLD_SIZE") if "parallel=single" in overrides else None
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = validate(compose("config", overrides=["model=tiny", "model.n_layers=4", "train.seq_len=16",
-                                                    "residual=mhc", "train.precision=bf16", *overrides]))
-    GlobalHydra.instance().clear()
-    if world is not None:
-        os.environ["WORLD_SIZE"] = world
-    with torch.device("meta"):
-        model = MHCTransformer(cfg.model, cfg.residual)
-    layout = make_layout(model, torch.device("cpu"), cfg, bf16=True)
-    layout.prepare()
-    optimizer = build_optimizer(layout.optimized_module, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    layout.attach(optimizer)
-    return model, layout
+    try:
+        return build_layout(["model=tiny", "model.n_layers=4", "train.seq_len=16", "residual=mhc",
+                             "train.precision=bf16", *overrides], bf16=True)
+    finally:
+        if world is not None:
+            os.environ["WORLD_SIZE"] = world
 
 
 def train(overrides: list[str], data) -> tuple[list[float], set]:
