@@ -6,10 +6,10 @@ One chain of runs on the tiny model with 4 blocks (3 MoE), fp32, global batch 8 
 
     reference            1 process                                   steps 1-10
     ep2                  ep=2 (dp_shard=2), experts outside FSDP     2 ranks
-    shard4_ep2           dp_shard=4 x ep=2: experts FSDP over 2      4 ranks, residual.recompute=auto
+    shard4_ep2           dp_shard=4 x ep=2: experts FSDP over 2      4 ranks, residual.recompute=4
     hsdp_ep2             dp_replicate=2 x dp_shard=2 x ep=2          4 ranks
     pp2_ep2              pp=2 x ep=2, 1f1b, checkpoints at 5 and 10  4 ranks
-    pp2_shard2           pp=2 x dp_shard=2, 1f1b                     4 ranks, residual.recompute=auto
+    pp2_shard2           pp=2 x dp_shard=2, 1f1b                     4 ranks, residual.recompute=4
     pp2_ep2_dualpipev    pp=2 x ep=2, DualPipeV with its overlap handler
     resume_single        1 process from pp2_ep2's step-5 checkpoint  steps 6-7
     resume_shard4_ep4    dp_shard=4 x ep=4 from the same checkpoint  steps 6-7 (experts resharded 2 -> 4)
@@ -17,7 +17,8 @@ One chain of runs on the tiny model with 4 blocks (3 MoE), fp32, global batch 8 
     *_bf16               one process and pp=2 x ep=2 in bf16 autocast, 3 steps: within 2e-2
 
 (Recomputation gives bitwise the gradients of no recomputation in one process, tests/test_recompute.py;
-here it runs under FSDP, whose parameters are not allocated when a recompute plan is made.)
+here it runs under FSDP, whose parameters are not allocated when a recompute plan is made, with
+blocks of 4 sublayers: each spans two FSDP groups, the first resharded when the block recomputes.)
 Each layout's losses equal the reference within 1e-5 (fp32 sums in another order), its load
 imbalance (a ratio of integer counts summed over the ranks) exactly, and the routers' balancing
 biases in its final checkpoint exactly: every copy of a router applied the one-process update.
@@ -158,13 +159,13 @@ def test_mesh_layouts_equal_one_process_and_checkpoints_move_between_meshes(subp
     layouts = {
         "ep2": (2, [*mesh, "parallel.ep=2", "train.batch_size=4"]),  # via launch/single_node.sh, EP=2
         "shard4_ep2": (4, [*mesh, "parallel.dp_shard=4", "parallel.ep=2", "train.batch_size=2",
-                           "residual.recompute=auto"]),
+                           "residual.recompute=4"]),
         "hsdp_ep2": (4, [*mesh, "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2",
                          "train.batch_size=2"]),
         "pp2_ep2": (4, [*mesh, "parallel.pp=2", "parallel.ep=2", "train.batch_size=4",
                         "parallel.pipeline.microbatches=4"]),
         "pp2_shard2": (4, [*mesh, "parallel.pp=2", "parallel.dp_shard=2", "train.batch_size=4",
-                           "parallel.pipeline.microbatches=2", "residual.recompute=auto"]),
+                           "parallel.pipeline.microbatches=2", "residual.recompute=4"]),
         "pp2_ep2_dualpipev": (4, [*mesh, "parallel.pp=2", "parallel.ep=2", "train.batch_size=4",
                                   "parallel.pipeline.schedule=dualpipev", "parallel.pipeline.microbatches=4"]),
     }

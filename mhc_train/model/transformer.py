@@ -92,7 +92,7 @@ class Block(nn.Module):
             a = norm(u)
         with regions.layer(index, a):
             y = layer(a)
-        with regions.write(index, conn, norm, y):
+        with regions.write(index, conn, norm, y, owner=self):
             return conn.write(streams, y, mix)
 
 

@@ -18,6 +18,8 @@ dropped once every handle was used. The same code runs, so the recomputed values
 gradients, are bitwise equal to those of a run without recomputation.
 
 Blocks never cross the ``boundaries`` given (pipeline stage starts): blocks restart at each.
+They may span several transformer blocks, hence several FSDP groups: the recompute gathers the
+weights of the earlier ones, which FSDP resharded after their forward (``_gather_owners``).
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class _Handle:
 class _Block:
     input: torch.Tensor
     sublayers: list = field(default_factory=list)  # (index, conn, norm, y)
+    owners: list = field(default_factory=list)  # the modules holding those sublayers, in order
     keep: set = field(default_factory=set)  # storage keys kept as they are
     cache: dict | None = None
     layer_inputs: dict = field(default_factory=dict)
@@ -126,12 +129,14 @@ class _Block:
             counter[0] += 1
             return t
 
+        _gather_owners([*self.owners, *(conn for _, conn, _, _ in self.sublayers)])
         with torch.enable_grad(), autocast_context(self.autocast), \
                 torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
             x = self.input.detach().requires_grad_(self.input.requires_grad)
             for index, conn, norm, y in self.sublayers:
                 region[0], counter[0] = ("read", index), 0
-                u, mix = conn.read(x)
+                # the class's read: an FSDP-hooked one would run FSDP's forward hooks in backward
+                u, mix = type(conn).read(conn, x)
                 a = norm(u)
                 self.layer_inputs[index] = a
                 region[0], counter[0] = ("write", index), 0
@@ -198,9 +203,12 @@ class RecomputePlan:
             yield
 
     @contextlib.contextmanager
-    def write(self, index: int, conn, norm, layer_output: torch.Tensor):
+    def write(self, index: int, conn, norm, layer_output: torch.Tensor, owner=None):
+        """``owner``: the module whose weights ``conn`` and ``norm`` are (a transformer block)."""
         block = self.blocks[self.block_start(index)]
         block.sublayers.append((index, conn, norm, layer_output))
+        if owner is not None and (not block.owners or block.owners[-1] is not owner):
+            block.owners.append(owner)
         block.keep.add(_storage_key(layer_output))
         with self._dropping(block, ("write", index)):
             yield
@@ -220,6 +228,22 @@ class RecomputePlan:
 
         with _labelled(region), torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
             yield
+
+
+def _gather_owners(owners) -> None:
+    """FSDP2 reshards a block's weights after its forward and gathers them again in that block's
+    pre-backward, which for every block of a recompute block but the last comes after the
+    recompute: gather them here (the blocks, and connections that are FSDP groups of their own).
+    ``unshard`` is a no-op for a group already gathered, and FSDP reshards each group after its
+    own backward as usual. Every rank recomputes the same blocks in
+    the same order, so the all-gathers match."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return
+    for owner in owners:
+        if isinstance(owner, FSDPModule):
+            owner.unshard()
 
 
 def _unpack(obj):
@@ -259,6 +283,6 @@ class PlainRegions:
             yield
 
     @contextlib.contextmanager
-    def write(self, index, conn, norm, layer_output):
+    def write(self, index, conn, norm, layer_output, owner=None):
         with _labelled(("write", index)):
             yield

@@ -417,14 +417,14 @@ class _PostResRegions:
         return self.inner.layer(index, layer_input)
 
     @contextlib.contextmanager
-    def write(self, index, conn, norm, layer_output):
+    def write(self, index, conn, norm, layer_output, owner=None):
         if index % 2 == 0:
-            with self.inner.write(index, conn, norm, layer_output):
+            with self.inner.write(index, conn, norm, layer_output, owner):
                 yield
             return
         current = torch.cuda.current_stream(layer_output.device)
         self.stream.wait_stream(current)
-        with self.inner.write(index, conn, norm, layer_output), torch.cuda.stream(self.stream), \
+        with self.inner.write(index, conn, norm, layer_output, owner), torch.cuda.stream(self.stream), \
                 _RecordStreams(self.stream, current):
             yield
         current.wait_stream(self.stream)
