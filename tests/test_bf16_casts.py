@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mhc_train.bench.memory_report import allocated_during
 from mhc_train.model import MHCTransformer, load_model_config
 from mhc_train.model.moe import RoutedExperts
-from mhc_train.model.weight_casts import step_region
+from mhc_train.weight_casts import step_region
 from mhc_train.residual import ResidualConfig
 from mhc_train.train.activation_checkpoint import apply_activation_checkpointing
 from mhc_train.train.layouts import model_steps
@@ -99,7 +99,7 @@ def test_each_weight_is_cast_once_per_step(mode, recompute):
 
 @pytest.mark.parametrize("mode,recompute", [("none", "off"), ("full", "auto")])
 def test_expert_weights_are_cast_once_per_step(mode, recompute):
-    """The routed experts' stacked weights, which RoutedExperts casts itself (mhc_train.model.weight_casts)."""
+    """The routed experts' stacked weights, which RoutedExperts casts itself (mhc_train.weight_casts)."""
     counts = casts_per_step(one_region, mode=mode, recompute=recompute)
     experts = {n: c for n, c in counts.items() if ".experts." in n}
     assert experts and set(experts.values()) == {1}, experts
@@ -108,7 +108,7 @@ def test_expert_weights_are_cast_once_per_step(mode, recompute):
 def test_expert_weight_copies_end_with_the_region_and_follow_in_place_changes():
     """Each region casts anew (the optimizer changes the weights between steps), and an in-place
     change inside a region is not answered with the stale copy."""
-    from mhc_train.model import weight_casts
+    from mhc_train import weight_casts
 
     w = torch.nn.Parameter(torch.randn(2, 4, 8))
     with step_region("cpu"):

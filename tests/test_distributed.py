@@ -153,10 +153,27 @@ def test_deepspeed_config_follows_grad_clip():
         deepspeed_config(micro_batch=1, grad_accum=1, world_size=1, grad_clip=1.0, zero_stage=3, bf16=False)
 
 
+def test_deepspeed_bf16_keeps_fp32_weights_under_autocast_unless_told():
+    """bf16 runs: fp32 weights, the forward under DeepSpeed's torch autocast, every gradient
+    reduced in fp32 (no module lower-precision-safe); bf16 weights only when asked."""
+    from mhc_train.parallel.data_parallel import deepspeed_config
+
+    common = dict(micro_batch=1, grad_accum=1, world_size=2, grad_clip=1.0, zero_stage=1)
+    autocast = deepspeed_config(**common, bf16=True)
+    assert not autocast["bf16"]["enabled"]
+    assert autocast["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    weights = deepspeed_config(**common, bf16=True, bf16_weights=True)
+    assert weights["bf16"]["enabled"] and "torch_autocast" not in weights
+    fp32 = deepspeed_config(**common, bf16=False, bf16_weights=True)  # an fp32 run ignores the setting
+    assert not fp32["bf16"]["enabled"] and "torch_autocast" not in fp32
+    assert {c["communication_data_type"] for c in (autocast, weights, fp32)} == {"fp32"}
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["parallel=ddp", "parallel.mode=pipe"], "parallel.mode: must be one of single, ddp, fsdp, deepspeed, pipeline"),
     (["parallel=fsdp", "parallel.backend=mpi"], "parallel.backend: must be auto, nccl or gloo"),
     (["parallel=ddp", "parallel.timeout_s=0"], "parallel.timeout_s: must be > 0 seconds"),
+    (["parallel=deepspeed", "parallel.deepspeed_weights=fp16"], "parallel.deepspeed_weights: must be fp32 or bf16"),
     (["parallel=pipeline", "train.grad_accum=2"], "train.grad_accum: with pipeline stages the micro-batches accumulate"),
     (["parallel=pipeline", "parallel.pipeline.schedule=pipedream"], "parallel.pipeline.schedule: unknown schedule"),
     (["parallel=pipeline", "parallel.pipeline.schedule=dualpipev"],  # tiny: 3 blocks, 2 ranks x 2 stages

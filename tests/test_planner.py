@@ -45,6 +45,7 @@ CALIBRATION = [  # (model, seq, variant, recompute, precision, attention kernel)
     ("tiny", 16, "mhc", "off", "bf16", "math"),
     ("tiny", 16, "mhc", "auto", "bf16", "math"),
     ("tiny", 16, "hc", "off", "bf16", "math"),
+    ("tiny", 16, "baseline", "off", "bf16", "math"),
     ("small", 32, "baseline", "off", "fp32", "math"),
     ("small", 32, "hc", "auto", "fp32", "math"),
     ("small", 32, "mhc", "off", "fp32", "math"),
@@ -66,13 +67,14 @@ def _model(name: str):
 @pytest.mark.parametrize("name,seq,variant,recompute,precision,kernel", CALIBRATION)
 def test_activation_formula_matches_cpu_measurement(name, seq, variant, recompute, precision, kernel):
     """Bytes kept for backward per token by a real training forward (memory_report's saved-tensor
-    hooks, two batch sizes) vs the analytical formula: within 15% in total and per part."""
+    hooks, two batch sizes) vs the analytical formula: equal per part (to the byte when written;
+    the head's part is within 0.02 % by the RoPE tables' share, 1 % allowed)."""
     m, r = _model(name), _rcfg(variant, recompute)
     measured = measure_activation_bytes(m, r, seq, precision=precision, batches=(2, 3))
     predicted = model_activation_bytes(m, r, seq, precision=precision, kernel=kernel, recompute=recompute)
-    assert predicted.total == pytest.approx(measured.total, rel=0.15)
+    assert predicted.total == pytest.approx(measured.total, rel=0.01)
     for part in ("residual", "layer", "other"):
-        assert getattr(predicted, part) == pytest.approx(getattr(measured, part), rel=0.15), part
+        assert getattr(predicted, part) == pytest.approx(getattr(measured, part), rel=0.01), part
 
 
 def test_stages_add_up_to_the_model():

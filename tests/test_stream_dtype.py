@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mhc_train.model import MHCTransformer, load_model_config
-from mhc_train.model.weight_casts import step_region
+from mhc_train.weight_casts import step_region
 from mhc_train.residual import ResidualConfig, activation_dtype, stream_dtype
 
 
@@ -61,12 +61,33 @@ def test_resolution_and_refusal():
 
 
 def test_every_layout_has_the_same_stream_dtype_and_losses(subprocess_env):
-    """One launch of 2 ranks: one process, DDP, FSDP, pp=2 and DeepSpeed ZeRO-1, bf16, with
-    stream_dtype auto and float32 (the script's docstring)."""
+    """One launch of 2 ranks: one process, DDP, FSDP, pp=2 and DeepSpeed ZeRO-1 (fp32 and bf16
+    weights), bf16, with stream_dtype auto and float32: the same stream dtypes, and step 1 equal to
+    one process (the script's docstring)."""
     script = Path(__file__).resolve().parent / "dist_scripts" / "stream_dtype_check.py"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], env={**subprocess_env, "DS_ACCELERATOR": "cpu"}, capture_output=True,
                           text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    assert out.count("ok  ") == 10, out[-4000:]
+    assert out.count("ok  ") == 12, out[-4000:]
+
+
+def test_the_norm_keeps_the_input_dtype_and_rounds_its_weight_to_it():
+    """The sublayer input is in the stream dtype in one process too (an fp32 weight times bf16
+    used to give fp32), with the values of FSDP's bf16 gather of the weight."""
+    from mhc_train.norm import RMSNorm
+
+    norm = RMSNorm(8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 8) + 1e-3)  # not representable in bf16
+    x = torch.randn(3, 8)
+    bf16 = norm(x.bfloat16())
+    assert bf16.dtype == torch.bfloat16
+    twin = RMSNorm(8).bfloat16()
+    with torch.no_grad():
+        twin.weight.copy_(norm.weight)
+    assert torch.equal(bf16, twin(x.bfloat16()))
+    assert norm(x).dtype == torch.float32
+    ref = norm.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    torch.testing.assert_close(norm(x), ref)

@@ -26,7 +26,7 @@ from torch import nn
 
 from mhc_train.model.config import ModelConfig
 from mhc_train.model.ffn import SwiGLU
-from mhc_train.model.weight_casts import cast_weight
+from mhc_train.weight_casts import cast_weight
 
 
 class _Recomputing(threading.local):

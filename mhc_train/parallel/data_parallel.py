@@ -69,16 +69,17 @@ def shard_model(root: nn.Module, blocks, mesh, *, expert_mesh=None, reshard_afte
     the root's own modules, so a rank never holds more than one block's full weights.
 
     ``mixed_precision`` (bf16 runs): FSDP gathers the weights in bf16 and reduces gradients in
-    fp32. No group casts its inputs, and the embedding, the stream contraction and each router get
-    groups of their own gathered in fp32 (``_fp32_parts``): the streams start from fp32 embeddings
-    cast to ``residual.stream_dtype`` as in every layout, and routing sees fp32 weights, as under
-    plain autocast in one process. The connections' weights (phi, alpha, bias) are gathered in bf16 with their block:
-    their maths runs in fp32 on bf16-rounded weights (a connection is entered through ``read`` and
-    ``write``, not ``forward``, so it cannot be a group of its own; tested within bf16 noise of one
-    process, docs/distributed.md; a group of their own through ``register_fsdp_forward_method``
-    would unshard them per read / write, but ``residual.recompute`` re-runs a block's connection
-    ops in backward before their groups' pre-backward hooks have gathered them)."""
-    from torch.distributed.fsdp import fully_shard
+    fp32. No group casts its inputs, and the embedding, the stream contraction, each router and
+    each residual connection get groups of their own gathered in fp32 (``_fp32_parts``): the
+    streams start from fp32 embeddings cast to ``residual.stream_dtype`` as in every layout,
+    routing sees fp32 weights, and the connections' mappings (phi, alpha, bias) run on fp32
+    weights, as under plain autocast in one process. A connection is entered through ``read``
+    (its ``write`` uses no weight), which FSDP hooks as a forward (``register_fsdp_forward_method``);
+    its group stays gathered from forward to its backward (a few MB for a whole 27B model), so
+    ``residual.recompute`` finds it gathered and it costs one small all-gather per step and
+    micro-batch, not two.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     from mhc_train.parallel.expert_parallel import expert_modules, expert_parameters, is_expert_parallel
 
@@ -101,6 +102,9 @@ def shard_model(root: nn.Module, blocks, mesh, *, expert_mesh=None, reshard_afte
         if mixed_precision:
             for part in _fp32_parts(block):
                 fully_shard(part, mesh=mesh, **fp32_kwargs)
+            for conn in _connections(block):
+                fully_shard(conn, mesh=mesh, **{**fp32_kwargs, "reshard_after_forward": False})
+                register_fsdp_forward_method(conn, "read")
         fully_shard(block, mesh=mesh, ignored_params=block_ignored or None, **kwargs)
         ignored |= block_ignored
     if materialize is not None:
@@ -129,6 +133,12 @@ def _fp32_parts(module: nn.Module, top: bool = False) -> list[nn.Module]:
     else:
         names = [getattr(module.ffn, "router", None)]
     return [m for m in names if m is not None and any(True for _ in m.parameters())]
+
+
+def _connections(block: nn.Module) -> list[nn.Module]:
+    """A block's residual connections that have weights (HC's and mHC's; the baseline's has none)."""
+    conns = [getattr(block, "attn_conn", None), getattr(block, "ffn_conn", None)]
+    return [c for c in conns if c is not None and any(True for _ in c.parameters())]
 
 
 def wrap_fsdp(model: nn.Module, device: torch.device, reshard_after_forward: bool = True,
@@ -170,9 +180,19 @@ DEFAULT_BUCKET_ELEMENTS = 500_000_000
 
 
 def deepspeed_config(*, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float | None,
-                     zero_stage: int, bf16: bool, bucket_elements: int = DEFAULT_BUCKET_ELEMENTS) -> dict[str, Any]:
+                     zero_stage: int, bf16: bool, bf16_weights: bool = False,
+                     bucket_elements: int = DEFAULT_BUCKET_ELEMENTS) -> dict[str, Any]:
+    """``bf16``: the run computes in bf16. With fp32 weights (default) the module stays fp32 and
+    DeepSpeed runs its forward under torch autocast, as one process does (without its
+    ``torch_autocast`` section the engine would switch the trainer's autocast off); no module is
+    declared lower-precision-safe, so every gradient is reduced in fp32. ``bf16_weights``:
+    DeepSpeed's bf16 mode instead, the whole module in bf16 with fp32 master weights in the
+    optimizer."""
     if zero_stage not in (1, 2):
         raise ValueError(f"parallel.zero_stage: DeepSpeed ZeRO stage 1 or 2, got {zero_stage}")
+    precision: dict[str, Any] = {"bf16": {"enabled": bool(bf16 and bf16_weights), "check_grad_overflow": True}}
+    if bf16 and not bf16_weights:
+        precision["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -181,11 +201,12 @@ def deepspeed_config(*, micro_batch: int, grad_accum: int, world_size: int, grad
         "gradient_clipping": float(grad_clip or 0.0),
         "zero_optimization": {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": True,
                               "reduce_bucket_size": int(bucket_elements), "allgather_bucket_size": int(bucket_elements)},
-        # bf16: skip steps with non-finite gradients (also the default; stated because the trainer
-        # relies on it) and all-reduce gradients in fp32, as FSDP does. (An fp32 grad_accum_dtype
-        # would switch ZeRO-1 to DeepSpeed's BF16_Optimizer, whose reported grad norm disagreed
-        # with one process by 1.5x in a CPU check; ZeRO-1/2's own optimizer agreed to 2e-4.)
-        "bf16": {"enabled": bool(bf16), "check_grad_overflow": True},
+        # bf16 weights: skip steps with non-finite gradients (also the default; stated because the
+        # trainer relies on it; with fp32 weights ZeRO skips on a non-finite norm by itself) and
+        # all-reduce gradients in fp32, as FSDP does. (An fp32 grad_accum_dtype would switch ZeRO-1
+        # to DeepSpeed's BF16_Optimizer, whose reported grad norm disagreed with one process by
+        # 1.5x in a CPU check; ZeRO-1/2's own optimizer agreed to 2e-4.)
+        **precision,
         "communication_data_type": "fp32",
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -195,7 +216,7 @@ def deepspeed_config(*, micro_batch: int, grad_accum: int, world_size: int, grad
 
 def wrap_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, *,
                    micro_batch: int, grad_accum: int, grad_clip: float | None, zero_stage: int = 1,
-                   bf16: bool = False) -> Wrapped:
+                   bf16: bool = False, bf16_weights: bool = False) -> Wrapped:
     """A DeepSpeed engine around ``model`` and the run's own torch optimizer (no JIT-built ops)."""
     deepspeed_env(device)
     import deepspeed
@@ -205,7 +226,7 @@ def wrap_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, device: t
 
     n_params = sum(p.numel() for p in model.parameters())
     config = deepspeed_config(micro_batch=micro_batch, grad_accum=grad_accum, world_size=dist.get_world_size(),
-                              grad_clip=grad_clip, zero_stage=zero_stage, bf16=bf16,
+                              grad_clip=grad_clip, zero_stage=zero_stage, bf16=bf16, bf16_weights=bf16_weights,
                               bucket_elements=min(DEFAULT_BUCKET_ELEMENTS, n_params))
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                       dist_init_required=False)

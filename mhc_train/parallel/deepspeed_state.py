@@ -33,10 +33,12 @@ Differences from a plain AdamW, both due to ZeRO's flat partitions:
   gradient (so weight decay still shrinks it): it has state (zero moments) where torch's AdamW,
   which skips ``grad is None``, has none.
 
-The model entries of parameters are ZeRO's fp32 master weights (with ``bf16`` the module holds
-bf16 copies), as the other modes store fp32 parameters; buffers share storage with the model's,
-as in ``get_state_dict``. Checked with fp32 and bf16, ZeRO-1 and ZeRO-2, on DeepSpeed 0.19.8
-(tests/dist_scripts/deepspeed_state_check.py).
+The model entries of parameters are ZeRO's fp32 master weights (with
+``parallel.deepspeed_weights=bf16`` the module holds bf16 copies), as the other modes store fp32
+parameters; buffers share storage with the model's, as in ``get_state_dict``. Checked in fp32,
+ZeRO-1 and ZeRO-2, on DeepSpeed 0.19.8 (tests/dist_scripts/deepspeed_state_check.py); bf16 runs
+with either weight setting resumed from a step-2 checkpoint to the uninterrupted run's losses and
+grad norms, bitwise (by hand through the trainer, 2 ranks, not in CI).
 """
 
 from __future__ import annotations

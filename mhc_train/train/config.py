@@ -99,6 +99,10 @@ class ParallelConfig:
     # split-backward schedules zbv / dualpipev)
     reshard_after_forward: Optional[bool] = None
     zero_stage: int = 1  # deepspeed: 1 or 2
+    # deepspeed under bf16: fp32 = fp32 weights, the forward under autocast (DeepSpeed's torch_autocast),
+    # the numerics of every other layout; bf16 = DeepSpeed's bf16 mode: the module held in bf16
+    # (2 bytes per weight and gradient less), its maths on bf16 weights, the mappings' phi included
+    deepspeed_weights: str = "fp32"
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # mode pipeline
 
 
@@ -450,6 +454,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check(parallel.timeout_s > 0, "parallel.timeout_s", f"must be > 0 seconds, got {parallel.timeout_s}")
     _check(parallel.zero_stage in (1, 2), "parallel.zero_stage",
            f"DeepSpeed ZeRO stage 1 or 2 (3 is not supported here), got {parallel.zero_stage!r}")
+    _check(parallel.deepspeed_weights in ("fp32", "bf16"), "parallel.deepspeed_weights",
+           f"must be fp32 or bf16, got {parallel.deepspeed_weights!r}")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     _check(world == 1 or parallel.mode != "single", "parallel.mode",
            f"single runs one process, but WORLD_SIZE={world} (torchrun): choose parallel=ddp, fsdp, deepspeed, "

@@ -247,7 +247,8 @@ class DeepSpeedLayout(Layout):
         self.optimizer = optimizer  # the torch AdamW: our LR schedule sets its param groups' lr
         self.wrapped = wrap_deepspeed(self.model, optimizer, self.device, micro_batch=t.batch_size,
                                       grad_accum=t.grad_accum, grad_clip=t.grad_clip,
-                                      zero_stage=self.cfg.parallel.zero_stage, bf16=self.bf16)
+                                      zero_stage=self.cfg.parallel.zero_stage, bf16=self.bf16,
+                                      bf16_weights=self.cfg.parallel.deepspeed_weights == "bf16")
         self.engine = self.wrapped.engine
 
     def forward_backward(self, batches, autocast: Callable):

@@ -40,7 +40,7 @@ from mhc_train import analysis as plot
 from mhc_train.data import DataError, PackedLoader, PackedTokens, ValidationLoader, check_vocab, ensure_bundled_dataset, read_meta
 from mhc_train.data.bundled import default_cache_dir
 from mhc_train.model import MHCTransformer
-from mhc_train.model.weight_casts import step_region
+from mhc_train.weight_casts import step_region
 from mhc_train.train.checkpoint import (
     STATE,
     CheckpointManager,

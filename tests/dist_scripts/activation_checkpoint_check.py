@@ -13,7 +13,7 @@ values): the losses, every gradient of the first step, the routers' loads, their
 each update and the parameters after the second step. The pp=2 bf16 cases also count the bf16
 casts of each weight per step: one, with 1F1B (four micro-batches) and with DualPipeV (eight,
 its forward chunks in worker threads), the routed experts' stacked weights included
-(RoutedExperts casts them itself, cached by mhc_train.model.weight_casts). One line per case;
+(RoutedExperts casts them itself, cached by mhc_train.weight_casts). One line per case;
 exit 1 on any failure.
 """
 
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mhc_train.model.weight_casts import step_region
+from mhc_train.weight_casts import step_region
 from mhc_train.train.block_wrappers import blocks_of
 from layout_builder import build_layout, local
 
@@ -157,7 +157,7 @@ def main() -> int:
             if ref is None:
                 ref = got
             if name == "pp2_1f1b_bf16":  # bf16 copies once per step, not once per micro-batch (4 here),
-                # the routed experts' stacked weights too (mhc_train.model.weight_casts)
+                # the routed experts' stacked weights too (mhc_train.weight_casts)
                 many = {k: v for k, v in got["casts"].items() if v != 1}
                 if not got["casts"] or many:
                     problems.append(f"weight casts per step {dict(many) or 'none counted'}")

@@ -47,25 +47,29 @@ plus the embedding and head. Per token, C = dim, n = streams, W = n^2 + 2n, in b
 
     residual (read, pre-norm, write; not recomputed) - s = bytes per stream element
     (``residual.stream_dtype``: 2 in a bf16 run by default, 4 in fp32) (a = the normed sublayer
-    input, kept only in fp32: under autocast F keeps bf16 copies instead;
-    y = the sublayer output, bf16 under autocast except the MoE's, combined in fp32):
+    input, in the streams' dtype, which F keeps: sC, or 0 for fp32 streams under autocast, where F
+    keeps bf16 copies in its own part; y = the sublayer output, bf16 under autocast except the
+    MoE's, combined in its input's dtype: s per element):
       baseline  sC + 4 + 4C + a                    (stream, rsqrt, normalised; the add keeps nothing)
-      mhc       snC + 8W + 4 + 8n + sC + 4C + 4 + a + y  (streams, projection, 1/r, logits, H_pre,
+      mhc       snC + 4W + 4 + 8n + sC + 4C + 4 + a + y  (streams, projection, 1/r, logits, H_pre,
                                                      H_post; u, rsqrt, normalised; y for H_post^T y)
-      hc        4nC + 4n + 4nC + 4nC + t(n(n+1) + n) + 4n(n+1) + 4n + 8C + 4 + a + y
-                (streams, per-stream norm: rsqrt, normalised, its output in fp32 or its two bf16
-                 casts; tanh t = 4 or 2; the maps; the pre-norm of u); static HC: 4nC + 8C + 4 + a + y
-    (hc's terms are calibrated with fp32 streams and kept so: within 12 % with bf16 ones)
+      hc        snC + u + 4n + 4nC + 4nC + t(n(n+1) + n) + 4n(n+1) + 4n + sC + 4C + 4 + a + y
+                (streams, their fp32 copy for the per-stream norm u = 4nC when s = 2, rsqrt,
+                 normalised, its output in fp32 or its two bf16 casts; tanh t = 4 or 2; the maps;
+                 the pre-norm of u); static HC: snC + sC + 4C + 4 + a + y
     residual with recomputation (block of L_r sublayers, restarting at each stage): snC per
       block (its input x_l0) + y per sublayer (hc, mhc; the baseline's write keeps nothing)
-    attention  fp32: 4(kv+r) + 4 + 8kv + sdpa + 4 h dv    bf16: 4C + 8kv + 4 + sdpa + 2 h dv
+    layer parts under bf16 autocast, for a bf16 input (bf16 streams); an fp32 input adds F's
+      bf16 casts of it (attention 4C, dense 4C; the MoE: 6C + 2E + 28k + 2 + 8kC + 8kF_e + 8F_s + 4C)
+    attention  fp32: 4(kv+r) + 4 + 8kv + sdpa + 4 h dv    bf16: 8kv + 4 + sdpa + 2 h dv
       (kv = kv_lora_rank, r = rope dim; q-LoRA adds its own norm likewise)
       sdpa fused (flash / memory-efficient, GPU): e(2 h dqk + h(dn + dv) + h dv) + 4h
       sdpa math (CPU: q, k, v in fp32 and the probabilities, h S per token): 4(2 h dqk + h S + h dv)
-    dense FFN (hidden F)  fp32: 16F    bf16: 4C + 8F
+    dense FFN (hidden F)  fp32: 16F    bf16: 8F
     MoE (k of E experts, hidden F_e, shared hidden F_s)
       fp32: 4E + 32k + 4 + 12kC + 16kF_e + 16F_s
-      bf16: 6C + 2E + 28k + 2 + 8kC + 8kF_e + 8F_s       (4C of it are the shared experts' casts)
+      bf16: 4C + 4E + 30k + 4 + 6kC + 8kF_e + 8F_s   (the router's fp32 copy of the input, scores,
+            indices, sort order, the sorted rows, the experts' and shared experts' activations)
     first stage 8 (token ids); last stage fp32 12C + 4V + 12, bf16 10C + 4V + 12 (+4nC for a
       learned contraction); a pipeline stage other than the last also keeps its output (snC)
 

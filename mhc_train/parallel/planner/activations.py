@@ -38,9 +38,10 @@ class ActivationBytes:
         return ActivationBytes(self.residual + o.residual, self.layer + o.layer, self.other + o.other)
 
 
-def _y_bytes(kind: str, precision: str) -> int:
-    """Bytes per element of a sublayer output: the MoE combines in the input's dtype (fp32)."""
-    return 4 if precision == "fp32" or kind == "moe" else 2
+def _y_bytes(kind: str, precision: str, input_bytes: int) -> int:
+    """Bytes per element of a sublayer output: bf16 under autocast, but the MoE combines in its
+    input's dtype (the streams')."""
+    return 4 if precision == "fp32" else input_bytes if kind == "moe" else 2
 
 
 def stream_bytes(r: ResidualConfig, precision: str) -> int:
@@ -54,34 +55,38 @@ def residual_bytes(m: ModelConfig, r: ResidualConfig, kind: str, precision: str 
     """Residual part of one sublayer without recomputation, per token (module docstring)."""
     _check(precision)
     c, n, s = m.dim, r.streams, stream_bytes(r, precision)
-    a = 4 * c if precision == "fp32" else 0  # F's saved input; under autocast F keeps bf16 casts
-    y = _y_bytes(kind, precision) * c
+    # F's saved input: the norm's output, in the streams' dtype; fp32 ones under autocast are
+    # cast by F, whose bf16 copies count in its own part
+    a = s * c if precision == "fp32" or s == 2 else 0
+    y = _y_bytes(kind, precision, s) * c
     prenorm = s * c + 4 * c + 4  # u (the streams' dtype), rsqrt, normalised
     if r.variant == "baseline":
         return s * c + 4 + 4 * c + a  # the stream (a view of the streams), rsqrt, normalised
     if r.variant == "mhc":
         w = n * n + 2 * n
-        return s * n * c + 8 * w + 4 + 8 * n + prenorm + a + y
+        return s * n * c + 4 * w + 4 + 8 * n + prenorm + a + y
     if r.variant == "hc":
-        # Calibrated with fp32 streams; with bf16 streams HC keeps about as much (fp32 copies for its
-        # dynamic maps): measured within 12 % (tests/test_planner.py), so its terms stay fp32 here.
-        prenorm = 8 * c + 4
-        kept = 4 * n * c  # the streams (apply_pre, apply_post_res)
+        kept = s * n * c  # the streams (apply_pre, apply_post_res)
         if r.dynamic:
             t = 4 if precision == "fp32" else 2  # tanh of a bf16 matmul under autocast
+            upcast = 4 * n * c if s == 2 else 0  # the per-stream norm's fp32 copy of bf16 streams
             normed = 4 * n * c  # the norm's output in fp32, or its two bf16 casts (alpha and beta maps)
-            kept += 4 * n + 4 * n * c + normed + t * (n * (n + 1) + n) + 4 * n * (n + 1) + 4 * n
+            kept += upcast + 4 * n + 4 * n * c + normed + t * (n * (n + 1) + n) + 4 * n * (n + 1) + 4 * n
         return kept + prenorm + a + y
     raise ValueError(f"unknown residual variant {r.variant!r}")
 
 
 def recompute_kept_bytes(m: ModelConfig, r: ResidualConfig, kind: str, precision: str = "bf16") -> float:
     """Per sublayer under recomputation, besides 4nC per block: the sublayer output y (hc, mhc)."""
-    return 0.0 if r.variant == "baseline" else float(_y_bytes(kind, precision) * m.dim)
+    y = _y_bytes(kind, precision, stream_bytes(r, precision))
+    return 0.0 if r.variant == "baseline" else float(y * m.dim)
 
 
-def attention_bytes(m: ModelConfig, seq_len: int, precision: str = "bf16", kernel: str = "fused") -> float:
-    """MLA's own saved tensors per token (module docstring); the normed input is residual's."""
+def attention_bytes(m: ModelConfig, seq_len: int, precision: str = "bf16", kernel: str = "fused",
+                    input_bytes: int = 2) -> float:
+    """MLA's own saved tensors per token (module docstring); the normed input is residual's.
+    ``input_bytes``: of an element of that input (the streams'); an fp32 input under autocast is
+    cast to bf16 by each of its two projections, which keep the copies."""
     _check(precision, kernel)
     c, h, kv, rope = m.dim, m.n_heads, m.kv_lora_rank, m.qk_rope_head_dim
     dqk, dn, dv = m.qk_head_dim, m.qk_nope_head_dim, m.v_head_dim
@@ -91,7 +96,9 @@ def attention_bytes(m: ModelConfig, seq_len: int, precision: str = "bf16", kerne
         if m.q_lora_rank:
             own += 4 * m.q_lora_rank + 4 + 8 * m.q_lora_rank
     else:
-        own = 4 * c + 4 * kv + 4 + 4 * kv + 2 * h * dv  # two casts of a, kv_norm fp32 copy, ...
+        own = 4 * kv + 4 + 4 * kv + 2 * h * dv  # kv_norm's fp32 copy, rsqrt, normalised, output
+        if input_bytes == 4:
+            own += 4 * c  # two casts of a
         if m.q_lora_rank:
             own += 4 * m.q_lora_rank + 4 + 4 * m.q_lora_rank
     if kernel == "math":  # CPU: computed in fp32 (autocast inputs upcast), probabilities S per token
@@ -101,18 +108,23 @@ def attention_bytes(m: ModelConfig, seq_len: int, precision: str = "bf16", kerne
     return float(own + sdpa)
 
 
-def ffn_bytes(m: ModelConfig, kind: str, precision: str = "bf16") -> float:
-    """Dense SwiGLU or MoE saved tensors per token (module docstring)."""
+def ffn_bytes(m: ModelConfig, kind: str, precision: str = "bf16", input_bytes: int = 2) -> float:
+    """Dense SwiGLU or MoE saved tensors per token (module docstring); ``input_bytes`` as for
+    ``attention_bytes``."""
     _check(precision)
     c = m.dim
+    casts = precision == "bf16" and input_bytes == 4  # of an fp32 input, by each bf16 matmul
     if kind == "dense":
         f = m.ffn_dim_dense
-        return float(16 * f if precision == "fp32" else 4 * c + 8 * f)
+        return float(16 * f if precision == "fp32" else (4 * c if casts else 0) + 8 * f)
     k, e, fe, fs = m.n_activated_experts, m.n_routed_experts, m.moe_ffn_dim, m.n_shared_experts * m.moe_ffn_dim
     if precision == "fp32":
         return float(4 * e + 32 * k + 4 + 12 * k * c + 16 * k * fe + 16 * fs)
-    shared_casts = 4 * c if fs else 0
-    return float(2 * c + 2 * e + 28 * k + 2 + 8 * k * c + 8 * k * fe + 8 * fs + shared_casts)
+    if casts:  # the router takes the fp32 input itself; rows sorted in fp32, cast for the experts
+        shared_casts = 4 * c if fs else 0
+        return float(2 * c + 2 * e + 28 * k + 2 + 8 * k * c + 8 * k * fe + 8 * fs + shared_casts)
+    # bf16 input: the router's fp32 copy, scores, indices, sort order, rows and outputs in bf16
+    return float(4 * c + 4 * e + 30 * k + 4 + 6 * k * c + 8 * k * fe + 8 * fs)
 
 
 def head_bytes(m: ModelConfig, r: ResidualConfig, precision: str = "bf16") -> float:
@@ -157,8 +169,9 @@ def stage_activation_bytes(m: ModelConfig, r: ResidualConfig, blocks: range, seq
             residual += residual_bytes(m, r, ffn_kind, precision)
         else:
             residual += recompute_kept_bytes(m, r, ffn_kind, precision)
-        layer += attention_bytes(m, seq_len, precision, kernel) if kind == "attn" else ffn_bytes(m, kind, precision)
     sb = stream_bytes(r, precision)
+    for kind in kinds:
+        layer += attention_bytes(m, seq_len, precision, kernel, sb) if kind == "attn" else ffn_bytes(m, kind, precision, sb)
     if lr is not None and kinds:
         residual += sb * r.streams * m.dim * math.ceil(len(kinds) / lr)
     other = (EMBED_BYTES if first else 0.0) + (head_bytes(m, r, precision) if last else 0.0)
