@@ -184,3 +184,27 @@ def test_the_documented_compile_table_is_the_committed_json():
     recorded = {(r["model"], r["variant"], f"{r['eager_step_ms']:.0f}", f"{r['compiled_step_ms']:.0f}",
                  f"{r['eager_over_compiled']:.2f}") for r in data["results"]}
     assert shown == recorded
+
+
+def test_blocks_compile_around_their_own_fsdp_groups():
+    """FSDP in bf16 makes each router and connection an fp32 group of its own; their hooks would
+    break a block's graph (an error under fullgraph), so the block compiles as the submodules that
+    hold none of them. Without such groups the block compiles whole. (Trained under FSDP bf16 +
+    compile against eager in tests/dist_scripts/stream_dtype_check.py.)"""
+    from mhc_train.parallel.data_parallel import inner_groups
+    from mhc_train.train.compile import compile_targets
+
+    model = MHCTransformer(load_model_config("tiny"), ResidualConfig(variant="mhc"))
+    dense, moe = model.blocks[0], model.blocks[1]
+    assert inner_groups(moe, mixed_precision=False) == [] and compile_targets(moe, set()) == [moe]
+    for block in (dense, moe):
+        around = set(inner_groups(block, mixed_precision=True))
+        assert {block.attn_conn, block.ffn_conn} <= around
+        targets = compile_targets(block, around)
+        assert block.attn in targets and block.attn_norm in targets and block.ffn_norm in targets
+        assert not any(m in around for t in targets for m in t.modules())
+        # every weight of the block is either compiled or in an FSDP group of its own
+        covered = {id(p) for m in [*targets, *around] for p in m.parameters()}
+        assert covered == {id(p) for p in block.parameters()}
+    assert moe.ffn.router in set(inner_groups(moe, True)) and moe.ffn not in compile_targets(moe, set(inner_groups(moe, True)))
+    assert dense.ffn in compile_targets(dense, set(inner_groups(dense, True)))

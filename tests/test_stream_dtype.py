@@ -61,8 +61,8 @@ def test_resolution_and_refusal():
 
 
 def test_every_layout_has_the_same_stream_dtype_and_losses(subprocess_env):
-    """One launch of 2 ranks: one process, DDP, FSDP, pp=2 and DeepSpeed ZeRO-1 (fp32 and bf16
-    weights), bf16, with stream_dtype auto and float32: the same stream dtypes, and step 1 equal to
+    """One launch of 2 ranks: one process, DDP, FSDP (eager and compiled), pp=2 and DeepSpeed
+    ZeRO-1 (fp32 and bf16 weights), bf16, with stream_dtype auto and float32: the same stream dtypes, and step 1 equal to
     one process (the script's docstring)."""
     script = Path(__file__).resolve().parent / "dist_scripts" / "stream_dtype_check.py"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -70,7 +70,7 @@ def test_every_layout_has_the_same_stream_dtype_and_losses(subprocess_env):
                           text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    assert out.count("ok  ") == 12, out[-4000:]
+    assert out.count("ok  ") == 14, out[-4000:]
 
 
 def test_the_norm_keeps_the_input_dtype_and_rounds_its_weight_to_it():

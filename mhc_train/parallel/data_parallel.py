@@ -125,6 +125,14 @@ def _policies():
             MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False))
 
 
+def inner_groups(block: nn.Module, mixed_precision: bool) -> list[nn.Module]:
+    """The submodules of a block that ``shard_model`` makes FSDP groups of their own (experts
+    under expert parallelism aside): with ``mixed_precision`` its router and connections, whose
+    weights are gathered in fp32. A compiled block must leave their FSDP hooks outside its graphs
+    (``train.compile``)."""
+    return [*_fp32_parts(block), *_connections(block)] if mixed_precision else []
+
+
 def _fp32_parts(module: nn.Module, top: bool = False) -> list[nn.Module]:
     """The submodules whose weights FSDP gathers in fp32: a block's router, or (``top``) the
     model's or stage's embedding and stream contraction; those with parameters."""

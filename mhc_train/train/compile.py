@@ -29,6 +29,10 @@ Compiling is lazy: here the wrapper is only set, so the blocks may still be on t
 (``wrap_blocks`` runs before materialisation); the first forward of each kind compiles (on 2 CPU
 cores: 40 s to a few minutes for the tiny model's three blocks, docs/benchmarks.md).
 
+Under FSDP in bf16 the blocks' routers and connections are FSDP groups of their own (fp32
+weights); their hooks cannot sit inside a graph, so a block is compiled as the submodules that
+hold none (``compile_targets``; measured in tests/dist_scripts/stream_dtype_check.py).
+
 What does not compile is refused when the config is validated (``train.compile``):
 ``residual.recompute`` without activation checkpointing (saved-tensor hooks keyed by storage
 inside the block), expert parallelism (the all-to-all's split sizes are read on the host).
@@ -45,9 +49,11 @@ from torch import nn
 RECOMPILE_LIMIT = 8
 
 
-def apply_compile(blocks: list[nn.Module], enabled: bool, cfg=None, backend: str | None = None) -> None:
+def apply_compile(blocks: list[nn.Module], enabled: bool, cfg=None, backend: str | None = None,
+                  around: set[nn.Module] = frozenset()) -> None:
     """Compile each block in place (the module docstring). ``backend``: inductor unless given, or
-    ``MHC_COMPILE_BACKEND`` (``aot_eager`` / ``eager`` to bisect a difference from eager runs)."""
+    ``MHC_COMPILE_BACKEND`` (``aot_eager`` / ``eager`` to bisect a difference from eager runs).
+    ``around``: submodules that will be FSDP groups of their own (``compile_targets``)."""
     if not enabled:
         return
     backend = backend or os.environ.get("MHC_COMPILE_BACKEND") or "inductor"
@@ -67,8 +73,23 @@ def apply_compile(blocks: list[nn.Module], enabled: bool, cfg=None, backend: str
 
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in blocks:
-        block.compile(backend=backend, fullgraph=True, dynamic=False,
-                      recompile_limit=RECOMPILE_LIMIT, isolate_recompiles=True)
+        for target in compile_targets(block, around):
+            target.compile(backend=backend, fullgraph=True, dynamic=False,
+                           recompile_limit=RECOMPILE_LIMIT, isolate_recompiles=True)
+
+
+def compile_targets(module: nn.Module, around: set[nn.Module]) -> list[nn.Module]:
+    """``module`` itself, or, when it holds a module of ``around``, its largest submodules that
+    hold none (torchtitan's weaving around FSDP-wrapped experts). FSDP's hooks on a module inside
+    a compiled graph are a graph break, an error under ``fullgraph``: with FSDP in bf16 the routers
+    and connections are FSDP groups of their own (fp32 weights), so a block compiles as its
+    attention, norms and FFN (a MoE as its experts and shared experts); the glue between them, the
+    routers and the connections (custom ops, opaque to a graph anyway) run eagerly."""
+    if module in around:
+        return []
+    if not any(m in around for m in module.modules()):
+        return [module]
+    return [t for child in module.children() for t in compile_targets(child, around)]
 
 
 def settle_backend(cfg, device) -> str:

@@ -132,11 +132,11 @@ class MeshLayout(Layout):
             self.local = RankStages(roots)
             for root in roots:
                 _under_step_autocast(root, self)
+        data_mesh = self.mesh.data_mesh()
         for root in roots:  # per block, before expert parallelism and FSDP wrap or allocate anything
-            wrap_blocks(root, self.cfg)
+            wrap_blocks(root, self.cfg, fsdp_mixed_precision=data_mesh is not None and self.bf16)
         if d.ep > 1:  # on the meta device: each rank materialises only its experts
             apply_expert_parallel([b.ffn for r in roots for b in _blocks(r) if b.is_moe], self.mesh.ep_mesh())
-        data_mesh = self.mesh.data_mesh()
         for root in roots:
             if data_mesh is None:
                 self._materialize(root)

@@ -1,7 +1,7 @@
 """residual.stream_dtype in every layout, under bf16 (2 ranks, one torchrun launch).
 
-For each layout (one process, DDP, FSDP, a pp=2 pipeline, DeepSpeed ZeRO-1 with fp32 weights
-and with DeepSpeed's bf16 weights) and each setting (auto, float32) the trainer's layout is built
+For each layout (one process, DDP, FSDP eager and with compiled blocks (aot_eager), a pp=2
+pipeline, DeepSpeed ZeRO-1 with fp32 weights and with DeepSpeed's bf16 weights) and each setting (auto, float32) the trainer's layout is built
 from the same config and trains two steps of the same batches under the trainer's bf16 step
 region. Required: every block receives streams of the setting's dtype (auto: bf16, the autocast
 dtype); the first step's loss and gradient norm are one process's up to the order of sums (the
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
+os.environ.setdefault("MHC_COMPILE_BACKEND", "aot_eager")  # compiles in seconds on a CPU; inductor is opt-in
 import torch
 import torch.distributed as dist
 
@@ -26,6 +27,8 @@ LAYOUTS = {
     "single": ["parallel=single", "train.batch_size=4"],
     "ddp": ["parallel=ddp", "train.batch_size=2"],
     "fsdp": ["parallel=fsdp", "train.batch_size=2"],
+    # FSDP in bf16 with compiled blocks: compiled around the routers' and connections' own groups
+    "fsdp_compiled": ["parallel=fsdp", "train.batch_size=2", "train.compile=true"],
     "pp2_1f1b": ["parallel=mesh", "parallel.pp=2", "train.batch_size=4", "parallel.pipeline.schedule=1f1b",
                  "parallel.pipeline.microbatches=2", "parallel.pipeline.stage_blocks=[2,2]"],
     "deepspeed": ["parallel=deepspeed", "train.batch_size=2", "parallel.zero_stage=1"],
@@ -43,8 +46,10 @@ EXPECTED = {"auto": torch.bfloat16, "float32": torch.float32}
 # 1.3e-5 / 8e-5 off). Later steps add the update, whose AdamW step (lr 1e-2) turns the last bits
 # of a near-zero gradient into a full step.
 FIRST_STEP, FIRST_NORM = 1e-5, 5e-5
+# compiled blocks: AOT autograd's decomposed backward rounds bf16 elsewhere (seen 5.2e-5 in norm)
+NORM_TOLERANCE = {"fsdp_compiled": 2e-4}
 # the gradient norm's reference: DDP (its own) for the layouts that split the batch over the ranks
-NORM_REFERENCE = {"ddp": "ddp", "fsdp": "ddp", "deepspeed": "ddp"}  # else one process
+NORM_REFERENCE = {"ddp": "ddp", "fsdp": "ddp", "fsdp_compiled": "ddp", "deepspeed": "ddp"}  # else one process
 TOLERANCE = 5e-3  # every step (seen: 1.1e-3)
 
 
@@ -93,7 +98,7 @@ def main() -> int:
             if dtypes != {expected}:
                 problems.append(f"stream dtypes {sorted(map(str, dtypes))}, want {expected}")
             first, first_norm = abs(losses[0] - ref[0]), abs(norms[0] / norm_ref[0] - 1)
-            if name not in OWN_NUMERICS and (first > FIRST_STEP or first_norm > FIRST_NORM):
+            if name not in OWN_NUMERICS and (first > FIRST_STEP or first_norm > NORM_TOLERANCE.get(name, FIRST_NORM)):
                 problems.append(f"step 1 differs from one process: loss by {first:.3g}, grad norm by {first_norm:.3g}")
             worst = max(abs(a - b) for a, b in zip(losses, ref))
             if worst > TOLERANCE:
