@@ -208,3 +208,23 @@ def test_blocks_compile_around_their_own_fsdp_groups():
         assert covered == {id(p) for p in block.parameters()}
     assert moe.ffn.router in set(inner_groups(moe, True)) and moe.ffn not in compile_targets(moe, set(inner_groups(moe, True)))
     assert dense.ffn in compile_targets(dense, set(inner_groups(dense, True)))
+
+
+def test_recompile_budget_on_this_torch_and_an_older_one(monkeypatch):
+    """Per-function budgets where torch.compile takes them; otherwise the process-wide limit is
+    raised to cover every compiled module (torch 2.11 on the GPU machine has no
+    isolate_recompiles)."""
+    import torch._dynamo.config as dynamo_config
+
+    from mhc_train.train.compile import RECOMPILE_LIMIT, recompile_budget
+
+    assert recompile_budget(5) == {"recompile_limit": RECOMPILE_LIMIT, "isolate_recompiles": True}
+
+    def old_compile(model=None, *, fullgraph=False, dynamic=None, backend="inductor", mode=None,
+                    options=None, disable=False):
+        return model
+
+    monkeypatch.setattr(torch, "compile", old_compile)
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
+    assert recompile_budget(12) == {}
+    assert dynamo_config.recompile_limit == 12 * RECOMPILE_LIMIT

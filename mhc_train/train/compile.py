@@ -72,10 +72,26 @@ def apply_compile(blocks: list[nn.Module], enabled: bool, cfg=None, backend: str
         import torch._dynamo.config
 
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-    for block in blocks:
-        for target in compile_targets(block, around):
-            target.compile(backend=backend, fullgraph=True, dynamic=False,
-                           recompile_limit=RECOMPILE_LIMIT, isolate_recompiles=True)
+    targets = [t for block in blocks for t in compile_targets(block, around)]
+    budget = recompile_budget(len(targets))
+    for target in targets:
+        target.compile(backend=backend, fullgraph=True, dynamic=False, **budget)
+
+
+def recompile_budget(n_compiled: int) -> dict:
+    """``torch.compile``'s per-function recompile budget (``isolate_recompiles``, the module
+    docstring), where this torch has it; an older one (the GPU machine's 2.11) keeps one
+    process-wide budget per code object, raised so that ``n_compiled`` modules fit in it."""
+    import inspect
+
+    import torch
+    import torch._dynamo.config as dynamo_config
+
+    if {"recompile_limit", "isolate_recompiles"} <= set(inspect.signature(torch.compile).parameters):
+        return {"recompile_limit": RECOMPILE_LIMIT, "isolate_recompiles": True}
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT * n_compiled))
+    return {}
 
 
 def compile_targets(module: nn.Module, around: set[nn.Module]) -> list[nn.Module]:
