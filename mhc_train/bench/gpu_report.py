@@ -81,6 +81,8 @@ def markdown(report: dict) -> str:
     failed = [name for name in report["sections"] if name not in passed]
     verdict = "all sections passed" if not failed else f"{len(failed)} of {len(report['sections'])} sections " \
         f"did not pass: {', '.join(failed)}"
+    if not report.get("finished", True):  # written before a section ended: the check may have been stopped
+        verdict = "incomplete (written while the check ran, or it was stopped); " + verdict
     hardware = ""
     if env.get("memory_GiB"):
         hardware = (f" ({env['memory_GiB']:.0f} GiB, {env['multiprocessors']} SMs, compute capability "

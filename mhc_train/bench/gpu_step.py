@@ -9,8 +9,10 @@
   depend on the residual);
 - interleaved rounds: every configuration once per round, the order reversed every other round,
   so that drifting clocks hit all alike;
-- memory: the peak allocated during a step above what was allocated before it (activations,
-  gradients, temporaries), beside the model's own parameters.
+- fp32 matmuls as the trainer runs them (TF32 on CUDA, ``gpu_kernels.training_precision``);
+- memory: the peak allocated during a timed step above what was allocated before it (activations,
+  gradients, temporaries), beside the model's own parameters; the warm-up steps (compiles,
+  autotuning) do not count.
 
 The models are built once per residual (weights drawn per name, so the blocks of all three get
 the same values) and copied for the other backend and for compiling.
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from mhc_train.bench.gpu_budget import SectionTimeout, hard_cap
+from mhc_train.bench.gpu_kernels import training_precision
 from mhc_train.bench.gpu_report import one_line
 from mhc_train.model import MHCTransformer, load_model_config
 from mhc_train.residual import ResidualConfig
@@ -145,11 +148,12 @@ def warm_up(check, config: StepConfig, tokens: torch.Tensor, seconds: float) -> 
                     compile_blocks(config.model, s.compile_backend)
                 for _ in range(max(1, s.warmup)):
                     config.step_s = timed_step(config, tokens, s.autocast_dtype)
-        except Exception as exc:
+        except (Exception, SectionTimeout) as exc:
             if isinstance(exc, SectionTimeout) and not cap.owns(exc):
                 raise  # the section's own cap: it ends here
             config.error, config.model = f"{verb} did not finish: {one_line(exc)}", None
     config.warmup_s = time.perf_counter() - start
+    config.peak_bytes = None  # the warm-up's peaks hold compile and autotune allocations: not a step's
     if config.mode == "compile" and breaks is not None:
         config.graph_breaks = graph_breaks() - breaks
     status = config.error or f"loss {config.loss:.4f}"
@@ -175,6 +179,11 @@ def interleaved_rounds(configs: list[StepConfig], tokens: torch.Tensor, repeats:
 
 
 def run_step_times(check) -> dict:
+    with training_precision(check.device):
+        return _step_times(check)
+
+
+def _step_times(check) -> dict:
     import torch._dynamo  # not at import: it takes seconds, and the no-GPU path needs none of it
 
     s, device, allowance = check.shapes, check.device, check.allowance
