@@ -37,13 +37,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def quick_autotune() -> bool:
+    """``MHC_AUTOTUNE=quick``: one or two configs per kernel instead of the full search (read when
+    the kernels are defined). ``launch/gpu_check.sh`` sets it: its sections, the self-test and
+    its training run would otherwise each autotune every key for minutes of its 8."""
+    return os.environ.get("MHC_AUTOTUNE", "full") == "quick"
+
+
 def warp_configs(key_free: dict | None = None) -> list:
     """Autotune configs of the memory-bound kernels whose block sizes the launcher picks: 4 or 8
     warps (Hopper: a [BLOCK_T, NP, BLOCK_C] tile of 2048 fp32 is 8-16 registers a thread at 4-8
     warps, leaving room to overlap loads). Under TRITON_INTERPRET=1 a single config: the
     interpreter cannot run a multi-config autotune (it benchmarks with the GPU timer), and one
     config skips the benchmark. Untuned on hardware: no GPU was available when these were chosen."""
-    if interpreting():
+    if interpreting() or quick_autotune():
         return [triton.Config(dict(key_free or {}), num_warps=4)]
     return [triton.Config(dict(key_free or {}), num_warps=w) for w in (4, 8)]
 

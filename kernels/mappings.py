@@ -41,7 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from ._common import (
     check_devices, check_shape, check_streams, check_t_max, check_tensor, dot_precision, interpreting, next_pow2,
-    num_tokens, warp_configs,
+    num_tokens, quick_autotune, warp_configs,
 )
 from .sinkhorn import sk_backward, sk_exp, sk_forward, token_block
 
@@ -238,6 +238,8 @@ def _proj_bwd_configs():
     """
     if interpreting():
         return [triton.Config({"BLOCK_K": 64}, num_warps=4)]
+    if quick_autotune():
+        return [triton.Config({"BLOCK_K": 128}, num_warps=4, num_stages=2)]
     return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bk in (64, 128, 256) for w in (4, 8) for s in (2, 3)]
 

@@ -34,5 +34,8 @@ fi
 # Autotune results cached on disk (Triton >= 3.4 reads this; older ones ignore it): a shape tuned
 # once is not tuned again by the training run's process or by the next check on this machine.
 export TRITON_CACHE_AUTOTUNING="${TRITON_CACHE_AUTOTUNING:-1}"
+# One or two autotune configs per kernel (kernels/_common.py quick_autotune): the full search
+# over every width, dtype and flag would take minutes of the 8. MHC_AUTOTUNE=full for tuned figures.
+export MHC_AUTOTUNE="${MHC_AUTOTUNE:-quick}"
 export PYTHONUNBUFFERED=1
 exec "$PY" -m mhc_train.bench.gpu_check "$@"

@@ -191,7 +191,8 @@ def environment(device: torch.device) -> dict:
             "torch": torch.__version__, "triton": triton_version(), "cuda": torch.version.cuda,
             "commit": commit(), "date": datetime.date.today().isoformat(),
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "triton_interpret": os.environ.get("TRITON_INTERPRET")}
+            "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+            "autotune": os.environ.get("MHC_AUTOTUNE", "full")}
 
 
 def commit() -> str | None:
