@@ -225,6 +225,10 @@ def test_recompile_budget_on_this_torch_and_an_older_one(monkeypatch):
         return model
 
     monkeypatch.setattr(torch, "compile", old_compile)
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
-    assert recompile_budget(12) == {}
-    assert dynamo_config.recompile_limit == 12 * RECOMPILE_LIMIT
+    # the config's own patch: monkeypatch's undo deletes a config entry (torch's config module
+    # holds its values outside the module's __dict__), breaking every later compile
+    before = dynamo_config.recompile_limit
+    with dynamo_config.patch(recompile_limit=8):
+        assert recompile_budget(12) == {}
+        assert dynamo_config.recompile_limit == 12 * RECOMPILE_LIMIT
+    assert dynamo_config.recompile_limit == before  # restored
